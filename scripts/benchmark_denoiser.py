@@ -1,0 +1,137 @@
+"""Benchmark the Hallo3 denoiser: one CFG forward (batch 2) of the main transformer.
+
+On a CUDA device it builds the full-size networks with random weights (speed does not depend on
+weight values) at 480x720x49 frames: 226 text + 17550 video + 1350 reference tokens, batch 2. It
+reports seconds per forward, achieved TFLOP/s against upstream's 4.18e14 FLOP per sample-forward
+(so 8.37e14 per CFG forward), the reference network's time, and peak GPU memory, as JSON.
+
+Without a CUDA device it runs the tiny golden-test model on the CPU and says so; those numbers
+only show that the script works.
+
+    python scripts/benchmark_denoiser.py [--device cuda] [--iters 5] [--output out/bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from hallo3_worker.models import presets
+from hallo3_worker.models.loading import build_on_meta, materialize_random
+from hallo3_worker.models.reference_net import ReferenceNet
+from hallo3_worker.models.transformer import Hallo3Transformer
+
+logger = logging.getLogger("benchmark_denoiser")
+
+# FLOPs of one batch-1 forward of upstream's main DiT at 480x720x49 (torch.utils.flop_counter on
+# the meta-device model; includes the reference-token queries this implementation skips).
+UPSTREAM_FLOP_PER_SAMPLE_FORWARD = 4.18e14
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds of fn() over iters runs after warmup runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def run(device: torch.device, dtype: torch.dtype, warmup: int, iters: int) -> dict:
+    full = device.type == "cuda"
+    main_cfg = presets.full_transformer() if full else presets.golden_tiny_transformer()
+    ref_cfg = presets.full_reference_net() if full else presets.golden_tiny_reference_net()
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+    result: dict = {
+        "device": torch.cuda.get_device_name(device) if full else f"cpu ({platform.processor() or 'unknown'})",
+        "model": "full-size (random weights)" if full else "tiny golden config (no CUDA device; not representative)",
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+    }
+
+    # Reference network: once per job, batch 1.
+    ref_net = materialize_random(build_on_meta(lambda: ReferenceNet(ref_cfg), dtype), device)
+    ref_latent = randn(1, 1, 16, ref_cfg.latent_height, ref_cfg.latent_width)
+    result["reference_net_s"] = _timed(lambda: ref_net(ref_latent), device, warmup, iters)
+    reference = [torch.cat([t, t]) for t in ref_net(ref_latent)]
+    del ref_net
+    if full:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    model = materialize_random(build_on_meta(lambda: Hallo3Transformer(main_cfg), dtype), device)
+    c = main_cfg
+    frames = 4 * (c.latent_frames - 1) + 1
+    x = randn(2, c.latent_frames, c.in_channels, c.latent_height, c.latent_width)
+    t = torch.full((2,), 500.0, device=device)
+    text = randn(2, c.text_length, c.text_dim)
+    audio = randn(2, frames, c.audio.window, c.audio.feature_layers, c.audio.feature_dim)
+    face = randn(2, c.face.embed_dim)
+
+    result["encode_conditions_s"] = _timed(lambda: model.encode_conditions(audio, face), device, warmup, iters)
+    audio_tokens, face_tokens = model.encode_conditions(audio, face)
+    seconds = _timed(lambda: model(x, t, text, audio_tokens, face_tokens, reference), device, warmup, iters)
+    tokens = c.text_length + c.latent_frames * c.tokens_per_frame
+    result.update(
+        {
+            "sequence": {"text": c.text_length, "video": tokens - c.text_length, "reference": reference[0].shape[1]},
+            "batch": 2,
+            "forward_s": seconds,
+            "segment_50_steps_s": 50 * seconds,
+            "parameters_main": sum(p.numel() for p in model.parameters()),
+        }
+    )
+    if full:
+        flop = 2 * UPSTREAM_FLOP_PER_SAMPLE_FORWARD
+        result["flop_per_forward_upstream_count"] = flop
+        result["achieved_tflops"] = flop / seconds / 1e12
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--output", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if device.type == "cpu":
+        logger.warning("no CUDA device: benchmarking the tiny model on the CPU (not representative)")
+        dtype = torch.float32
+    result = run(device, dtype, args.warmup, args.iters)
+    text = json.dumps(result, indent=2)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    print(text)  # the JSON report is this script's output
+
+
+if __name__ == "__main__":
+    main()

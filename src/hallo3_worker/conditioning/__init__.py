@@ -1,0 +1,1 @@
+"""Turning the user's image, audio and prompt into the tensors the denoiser consumes."""

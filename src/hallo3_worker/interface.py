@@ -1,0 +1,111 @@
+"""The contract between the Runpod worker and the Hallo3 generation pipeline.
+
+The worker (``hallo3_worker.worker``) only talks to a pipeline through :class:`TalkingHeadPipeline`.
+Generation is split in two phases so that every problem with the user's media is found before any
+GPU work:
+
+1. :meth:`TalkingHeadPipeline.prepare` runs on the CPU: decodes the image and audio, checks
+   durations, finds the face. It raises :class:`hallo3_worker.errors.InputError` for bad media.
+2. :meth:`TalkingHeadPipeline.generate` runs the networks. It reports progress through a callback
+   and checks a cancel event between segments (raising :class:`Cancelled`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Framing(str, enum.Enum):
+    """How the portrait is fitted into the model's 480x720 canvas."""
+
+    UPSTREAM = "upstream"  # exactly as upstream Hallo3: square -> pad, anything else -> 3:2 centre crop
+    AUTO = "auto"  # keeps the whole detected head for portrait images (a documented extension)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """Everything a job asks for, already validated for type and range by the schema."""
+
+    image_path: Path
+    audio_path: Path
+    prompt: str
+    seed: int
+    steps: int = 50
+    guidance: float = 3.5
+    framing: Framing = Framing.UPSTREAM
+    separate_vocals: bool = True
+    max_duration_s: float | None = None
+
+
+@dataclasses.dataclass
+class PreparedJob:
+    """The CPU-side result of :meth:`TalkingHeadPipeline.prepare`.
+
+    ``data`` holds pipeline-private tensors (face embedding, processed image, audio features...);
+    the worker never looks inside it.
+    """
+
+    request: GenerationRequest
+    audio_duration_s: float
+    num_frames: int  # frames of the output video = ceil(audio_duration_s * fps)
+    fps: int
+    width: int
+    height: int
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """One progress report. ``fraction`` is in [0, 1] over the whole job."""
+
+    stage: str  # e.g. "audio", "face", "reference", "denoise", "decode"
+    fraction: float
+    segment: int | None = None  # 0-based segment index, when denoising
+    num_segments: int | None = None
+    step: int | None = None
+    num_steps: int | None = None
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Frames in RGB uint8, shape (num_frames, height, width, 3), plus per-stage timings in seconds."""
+
+    frames: np.ndarray
+    fps: int
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+class Cancelled(Exception):
+    """Raised by :meth:`TalkingHeadPipeline.generate` when the cancel event was set."""
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class TalkingHeadPipeline(Protocol):
+    """What the worker needs from a pipeline."""
+
+    #: True when the pipeline runs the embedded tiny random-weight model (no real weights configured).
+    is_tiny: bool
+
+    def prepare(self, request: GenerationRequest) -> PreparedJob:
+        """Decode and check the inputs on the CPU; raise ``InputError`` for anything unusable."""
+        ...
+
+    def generate(
+        self,
+        job: PreparedJob,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        """Run the networks and return the frames; raise ``Cancelled`` if ``cancel`` gets set."""
+        ...

@@ -1,0 +1,56 @@
+"""Constructing networks without throwaway fp32 weights, and filling them.
+
+Networks are built on the ``meta`` device (no memory), cast there, and then either receive
+checkpoint tensors by assignment (:func:`load_converted`) or get fresh random storage directly in
+the target dtype and device (:func:`materialize_random`, for the embedded tiny model and
+benchmarks, where weight values do not matter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def build_on_meta(factory: Callable[[], M], dtype: torch.dtype | None = None) -> M:
+    """Build ``factory()`` on the meta device, optionally cast to ``dtype`` (free on meta)."""
+    with torch.device("meta"):
+        model = factory()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def load_converted(model: M, state_dict: Mapping[str, torch.Tensor], device: torch.device | str | None = None) -> M:
+    """Strictly assign converted tensors to a (meta) model; tensors keep their own dtype.
+
+    With ``device`` given, tensors are moved there first (a no-op when already there).
+    """
+    if device is not None:
+        state_dict = {k: v.to(device) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def materialize_random(model: M, device: torch.device | str, seed: int = 0, std: float = 0.02) -> M:
+    """Allocate a meta model's storage on ``device`` (in its current dtype) and fill it randomly.
+
+    Matrices and biases get N(0, std); LayerNorm weights 1 and biases 0. Deterministic per seed
+    on a given device.
+    """
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+            continue
+        for param in module.parameters(recurse=False):
+            param.normal_(0.0, std, generator=generator)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,1 @@
+"""The Runpod-facing side: job schema, input fetching, output encoding and delivery."""
