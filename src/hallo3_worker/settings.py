@@ -1,0 +1,201 @@
+"""Every environment-driven setting of the worker, read once at start-up.
+
+:func:`load_settings` reads ``os.environ`` (or any mapping handed to it) a single time and returns a
+frozen :class:`Settings`. Nothing else in the package reads the environment for configuration;
+tests build :class:`Settings` directly (``Settings(work_dir=..., ...)``) or through
+``load_settings({...})``.
+
+Variables (all optional):
+
+=================================  ==========================================================
+``HALLO3_WEIGHTS_DIR``             Folder with the real Hallo3 weights. Unset: tiny model.
+``HALLO3_WORK_DIR``                Base folder for per-job temporary folders.
+``HALLO3_VOLUME_ROOT``             Network volume root that job paths may point into.
+``HALLO3_MAX_IMAGE_BYTES``         Largest accepted image file.
+``HALLO3_MAX_AUDIO_BYTES``         Largest accepted audio file.
+``HALLO3_MAX_IMAGE_PIXELS``        Largest accepted image area (width x height).
+``HALLO3_MIN_IMAGE_SIDE``          Smallest accepted image side, in pixels.
+``HALLO3_MAX_DURATION_S``          Longest audio the server renders, in seconds.
+``HALLO3_MIN_DURATION_S``          Shortest audio accepted, in seconds.
+``HALLO3_SILENCE_DBFS``            RMS level (dBFS) at or below which audio counts as silent.
+``HALLO3_INLINE_OUTPUT_MAX_BYTES`` Largest base64 text returned inline in the job result.
+``HALLO3_DOWNLOAD_TIMEOUT_S``      Connect/read timeout for media downloads.
+``HALLO3_VIDEO_CRF``               libx264 constant rate factor of the output.
+``HALLO3_VIDEO_PRESET``            libx264 preset of the output.
+``HALLO3_CANCEL_GRACE_S``          How long a cancelled job may take to stop and clean up.
+``HALLO3_DEVICE``                  Torch device name for the pipeline (``auto`` picks one).
+``HALLO3_DTYPE``                   Torch dtype name for the pipeline (``auto`` picks one).
+``HALLO3_LOG_LEVEL``               Log level, also applied to the Runpod SDK's logger (falls back to
+                                   ``RUNPOD_LOG_LEVEL``, ``RUNPOD_DEBUG_LEVEL``, then INFO).
+``BUCKET_ENDPOINT_URL``            S3-compatible endpoint for result upload (Runpod convention).
+``BUCKET_ACCESS_KEY_ID``           Access key for that endpoint.
+``BUCKET_SECRET_ACCESS_KEY``       Secret key for that endpoint.
+``BUCKET_NAME``                    Bucket the results go to (required for env-based upload).
+``BUCKET_PREFIX``                  Optional key prefix inside the bucket.
+``RUNPOD_WEBHOOK_POST_OUTPUT``     Set by the platform; its presence enables progress updates.
+=================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the worker cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketSettings:
+    """Credentials and location of an S3-compatible bucket (from ``BUCKET_*``)."""
+
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: str
+    bucket_name: str
+    prefix: str = ""
+
+    def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
+        return f"BucketSettings(endpoint_url={self.endpoint_url!r}, bucket_name={self.bucket_name!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """All settings of the worker. Defaults are the production defaults."""
+
+    weights_dir: Path | None = None
+    work_dir: Path = dataclasses.field(default_factory=lambda: Path(tempfile.gettempdir()) / "hallo3-worker")
+    volume_root: Path = Path("/runpod-volume")
+    max_image_bytes: int = 20 * MIB
+    max_audio_bytes: int = 64 * MIB
+    max_image_pixels: int = 40_000_000
+    min_image_side: int = 256
+    max_duration_s: float = 60.0
+    min_duration_s: float = 0.5
+    silence_dbfs: float = -60.0
+    inline_output_max_bytes: int = 9_000_000  # base64 characters; /run accepts 10 MB in all
+    download_timeout_s: float = 30.0
+    video_crf: int = 18
+    video_preset: str = "medium"
+    cancel_grace_s: float = 30.0
+    device: str = "auto"
+    dtype: str = "auto"
+    log_level: str = "INFO"
+    bucket: BucketSettings | None = None
+    on_platform: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_image_bytes > 0, "HALLO3_MAX_IMAGE_BYTES must be positive")
+        _require(self.max_audio_bytes > 0, "HALLO3_MAX_AUDIO_BYTES must be positive")
+        _require(self.max_image_pixels > 0, "HALLO3_MAX_IMAGE_PIXELS must be positive")
+        _require(self.min_image_side > 0, "HALLO3_MIN_IMAGE_SIDE must be positive")
+        _require(
+            0 < self.min_duration_s <= self.max_duration_s,
+            "HALLO3_MIN_DURATION_S must be positive and not above HALLO3_MAX_DURATION_S",
+        )
+        _require(self.inline_output_max_bytes >= 0, "HALLO3_INLINE_OUTPUT_MAX_BYTES must be >= 0")
+        _require(self.download_timeout_s > 0, "HALLO3_DOWNLOAD_TIMEOUT_S must be positive")
+        _require(0 <= self.video_crf <= 51, "HALLO3_VIDEO_CRF must be between 0 and 51")
+        _require(self.cancel_grace_s >= 0, "HALLO3_CANCEL_GRACE_S must be >= 0")
+        _require(self.log_level in _LOG_LEVELS, f"log level must be one of {', '.join(_LOG_LEVELS)}")
+        _require(self.work_dir.is_absolute(), "HALLO3_WORK_DIR must be an absolute path")
+        _require(self.volume_root.is_absolute(), "HALLO3_VOLUME_ROOT must be an absolute path")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SettingsError(message)
+
+
+def _str(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _str(env, name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as err:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from err
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _str(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as err:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from err
+    if not math.isfinite(value):
+        raise SettingsError(f"{name} must be finite, got {raw!r}")
+    return value
+
+
+def _bucket(env: Mapping[str, str]) -> BucketSettings | None:
+    endpoint = _str(env, "BUCKET_ENDPOINT_URL")
+    key_id = _str(env, "BUCKET_ACCESS_KEY_ID")
+    secret = _str(env, "BUCKET_SECRET_ACCESS_KEY")
+    name = _str(env, "BUCKET_NAME")
+    given = [v for v in (endpoint, key_id, secret, name) if v]
+    if not given:
+        return None
+    if not (endpoint and key_id and secret and name):
+        logger.warning(
+            "Bucket upload disabled: BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, "
+            "BUCKET_SECRET_ACCESS_KEY and BUCKET_NAME must all be set"
+        )
+        return None
+    prefix = (_str(env, "BUCKET_PREFIX") or "").strip("/")
+    return BucketSettings(endpoint, key_id, secret, name, prefix)
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``env`` (``os.environ`` when omitted). Raises SettingsError."""
+    env = os.environ if env is None else env
+    defaults = Settings()
+    weights = _str(env, "HALLO3_WEIGHTS_DIR")
+    work_dir = _str(env, "HALLO3_WORK_DIR")
+    log_level = (
+        _str(env, "HALLO3_LOG_LEVEL") or _str(env, "RUNPOD_LOG_LEVEL") or _str(env, "RUNPOD_DEBUG_LEVEL") or "INFO"
+    ).upper()
+    if log_level == "WARN":
+        log_level = "WARNING"
+    return Settings(
+        weights_dir=Path(weights).expanduser() if weights else None,
+        work_dir=Path(work_dir).expanduser() if work_dir else defaults.work_dir,
+        volume_root=Path(_str(env, "HALLO3_VOLUME_ROOT") or defaults.volume_root),
+        max_image_bytes=_int(env, "HALLO3_MAX_IMAGE_BYTES", defaults.max_image_bytes),
+        max_audio_bytes=_int(env, "HALLO3_MAX_AUDIO_BYTES", defaults.max_audio_bytes),
+        max_image_pixels=_int(env, "HALLO3_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
+        min_image_side=_int(env, "HALLO3_MIN_IMAGE_SIDE", defaults.min_image_side),
+        max_duration_s=_float(env, "HALLO3_MAX_DURATION_S", defaults.max_duration_s),
+        min_duration_s=_float(env, "HALLO3_MIN_DURATION_S", defaults.min_duration_s),
+        silence_dbfs=_float(env, "HALLO3_SILENCE_DBFS", defaults.silence_dbfs),
+        inline_output_max_bytes=_int(env, "HALLO3_INLINE_OUTPUT_MAX_BYTES", defaults.inline_output_max_bytes),
+        download_timeout_s=_float(env, "HALLO3_DOWNLOAD_TIMEOUT_S", defaults.download_timeout_s),
+        video_crf=_int(env, "HALLO3_VIDEO_CRF", defaults.video_crf),
+        video_preset=_str(env, "HALLO3_VIDEO_PRESET") or defaults.video_preset,
+        cancel_grace_s=_float(env, "HALLO3_CANCEL_GRACE_S", defaults.cancel_grace_s),
+        device=_str(env, "HALLO3_DEVICE") or defaults.device,
+        dtype=_str(env, "HALLO3_DTYPE") or defaults.dtype,
+        log_level=log_level,
+        bucket=_bucket(env),
+        on_platform=_str(env, "RUNPOD_WEBHOOK_POST_OUTPUT") is not None,
+    )

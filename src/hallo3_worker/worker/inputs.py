@@ -1,0 +1,232 @@
+"""Turns the ``image``/``audio`` strings of a job into local files, with size caps.
+
+A media string is one of (checked in this order):
+
+* ``http://`` or ``https://`` URL: downloaded through the Runpod SDK's SSRF-guarded getter
+  (:func:`runpod.serverless.utils.rp_ssrf.safe_get`), which blocks private and link-local
+  destinations (unless ``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS`` is set) and honours
+  ``RUNPOD_MAX_DOWNLOAD_BYTES``; the body streams into the job folder under our own cap too.
+* ``data:<mime>;base64,<data>`` data URI.
+* an absolute path (starts with ``/``, at most 4096 characters, not the ``/9j/`` start of a base64
+  JPEG): must lie inside the network volume root once symlinks are resolved; read in place.
+* anything else: plain base64.
+
+Nothing here writes outside the job folder, and nothing logs payloads or URL query strings: use
+:func:`describe` to name a source in a log line or message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import enum
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+
+from hallo3_worker.errors import ErrorCode, InputError
+
+logger = logging.getLogger(__name__)
+
+MAX_PATH_CHARS = 4096
+DOWNLOAD_TRIES = 3  # attempts per URL when the connection fails or times out
+RETRY_DELAY_S = 0.5  # times the attempt number
+_CHUNK_BYTES = 1024 * 1024
+_DATA_URI_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
+                          re.IGNORECASE)
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_WHITESPACE_RE = re.compile(r"\s+")
+_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
+class SourceKind(str, enum.Enum):
+    URL = "url"
+    DATA_URI = "data_uri"
+    BASE64 = "base64"
+    PATH = "path"
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchedMedia:
+    """A media input available as a local file."""
+
+    path: Path
+    kind: SourceKind
+    size_bytes: int
+
+
+def classify(value: str) -> SourceKind:
+    """Tell which form a media string takes (see the module docstring for the rules)."""
+    lowered = value[:16].lower()
+    if lowered.startswith(("http://", "https://")):
+        return SourceKind.URL
+    if lowered.startswith("data:"):
+        return SourceKind.DATA_URI
+    if _SCHEME_RE.match(value[:32]):
+        return SourceKind.URL  # an unsupported scheme; rejected when fetched
+    if value.startswith("/") and not value.startswith("/9j/") and len(value) <= MAX_PATH_CHARS:
+        return SourceKind.PATH
+    return SourceKind.BASE64
+
+
+def redact_url(url: str, limit: int = 80) -> str:
+    """``scheme://host/path`` without credentials, query or fragment, shortened to ``limit``."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        text = f"{parts.scheme}://{host}{parts.path}"
+    except ValueError:
+        text = url.split("?", 1)[0].split("#", 1)[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(value: str) -> str:
+    """A log-safe description of a media string (no payloads, no query strings)."""
+    kind = classify(value)
+    if kind is SourceKind.URL:
+        return f"url {redact_url(value)}"
+    if kind is SourceKind.PATH:
+        return f"path {value[:120]}"
+    return f"{kind.value} ({len(value)} characters)"
+
+
+def fetch_media(value: str, field: str, dest: Path, max_bytes: int, *, volume_root: Path,
+                timeout_s: float) -> FetchedMedia:
+    """Make the media string ``value`` of job field ``field`` a local file.
+
+    ``dest`` is the file to write for URL and base64 sources (its folder must exist); a volume
+    path is checked and returned in place. Raises ``InputError`` for anything unusable.
+    """
+    kind = classify(value)
+    if kind is SourceKind.URL:
+        size = _download(value, field, dest, max_bytes, timeout_s)
+        return FetchedMedia(dest, kind, size)
+    if kind is SourceKind.PATH:
+        path = _volume_path(value, field, volume_root, max_bytes)
+        return FetchedMedia(path, kind, path.stat().st_size)
+    payload = _strip_data_uri(value, field) if kind is SourceKind.DATA_URI else value
+    size = _write_base64(payload, field, dest, max_bytes)
+    return FetchedMedia(dest, kind, size)
+
+
+def _too_large(field: str, max_bytes: int) -> InputError:
+    return InputError(ErrorCode.MEDIA_TOO_LARGE, f"'{field}' is larger than the {max_bytes // 1024} KiB limit.")
+
+
+def _strip_data_uri(value: str, field: str) -> str:
+    match = _DATA_URI_RE.match(value[:256])
+    if match is None or not match.group("b64"):
+        raise InputError(
+            ErrorCode.INVALID_INPUT,
+            f"'{field}' is a data URI but not of the form 'data:<type>;base64,<data>'.",
+        )
+    return value[match.end():]
+
+
+def _write_base64(payload: str, field: str, dest: Path, max_bytes: int) -> int:
+    """Decode base64 text into ``dest``; the size is checked before decoding."""
+    text = _WHITESPACE_RE.sub("", payload)
+    if len(text) * 3 // 4 > max_bytes + 3:  # every 4 characters carry 3 bytes
+        raise _too_large(field, max_bytes)
+    text += "=" * (-len(text) % 4)
+    try:
+        standard = text.translate(_URLSAFE_TO_STANDARD)  # accept the URL-safe alphabet too
+        data = base64.b64decode(standard.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise InputError(
+            ErrorCode.INVALID_INPUT,
+            f"'{field}' is neither a URL, a data URI, a volume path nor valid base64.",
+        ) from None
+    if not data:
+        raise InputError(ErrorCode.INVALID_INPUT, f"'{field}' decodes to no data.")
+    if len(data) > max_bytes:
+        raise _too_large(field, max_bytes)
+    dest.write_bytes(data)
+    return len(data)
+
+
+def _volume_path(value: str, field: str, volume_root: Path, max_bytes: int) -> Path:
+    """Resolve ``value`` and make sure it is a regular file inside ``volume_root``."""
+    root = Path(os.path.realpath(volume_root))
+    path = Path(os.path.realpath(value))
+    if not path.is_relative_to(root) or path == root:
+        raise InputError(
+            ErrorCode.PATH_NOT_ALLOWED,
+            f"'{field}' is a path outside the network volume; only files under {volume_root} can be "
+            "read (send other media as a URL, base64 or data URI).",
+        )
+    if not path.is_file():
+        raise InputError(ErrorCode.MEDIA_FETCH_FAILED, f"'{field}' names no file on the network volume: {value[:200]}")
+    if path.stat().st_size > max_bytes:
+        raise _too_large(field, max_bytes)
+    return path
+
+
+def _download(url: str, field: str, dest: Path, max_bytes: int, timeout_s: float) -> int:
+    """Stream ``url`` into ``dest`` through the SDK's SSRF guard; return the byte count.
+
+    Connection failures and timeouts are retried (``DOWNLOAD_TRIES`` in all); HTTP errors are not.
+    """
+    from runpod.serverless.utils import rp_ssrf  # the SDK import is slow; keep it lazy
+
+    shown = redact_url(url)
+    cap = min(max_bytes, rp_ssrf.max_download_bytes())
+    if not url.lower().startswith(("http://", "https://")):
+        raise InputError(ErrorCode.URL_NOT_ALLOWED, f"'{field}' URL must use http or https: {shown}")
+    try:
+        for attempt in range(1, DOWNLOAD_TRIES + 1):
+            try:
+                written = _download_once(url, dest, cap, timeout_s)
+                break
+            except (requests.ConnectionError, requests.Timeout) as err:
+                if attempt == DOWNLOAD_TRIES:
+                    raise
+                logger.info("Download of %s for '%s' failed (%s); retrying", shown, field, type(err).__name__)
+                time.sleep(RETRY_DELAY_S * attempt)
+    except rp_ssrf.SSRFError as err:
+        dest.unlink(missing_ok=True)
+        if "size cap" in str(err):
+            raise _too_large(field, cap) from None
+        logger.warning("Blocked download of %s for '%s': %s", shown, field, type(err).__name__)
+        raise InputError(
+            ErrorCode.URL_NOT_ALLOWED,
+            f"'{field}' URL is not allowed (only public http/https hosts can be fetched): {shown}",
+        ) from None
+    except requests.HTTPError as err:
+        dest.unlink(missing_ok=True)
+        status = err.response.status_code if err.response is not None else "error"
+        raise InputError(
+            ErrorCode.MEDIA_FETCH_FAILED, f"Could not download '{field}' from {shown}: HTTP {status}."
+        ) from None
+    except (requests.RequestException, OSError) as err:
+        dest.unlink(missing_ok=True)
+        logger.warning("Download of %s for '%s' failed: %s", shown, field, type(err).__name__)
+        raise InputError(
+            ErrorCode.MEDIA_FETCH_FAILED, f"Could not download '{field}' from {shown}: {type(err).__name__}."
+        ) from None
+    if written == 0:
+        dest.unlink(missing_ok=True)
+        raise InputError(ErrorCode.MEDIA_FETCH_FAILED, f"'{field}' download from {shown} was empty.")
+    return written
+
+
+def _download_once(url: str, dest: Path, cap: int, timeout_s: float) -> int:
+    """One guarded GET of ``url`` streamed into ``dest`` (at most ``cap`` bytes); SDK/requests errors propagate."""
+    from runpod.serverless.utils import rp_download, rp_ssrf
+
+    written = 0
+    with rp_ssrf.safe_get(url, stream=True, timeout=timeout_s, headers=rp_download.HEADERS, max_bytes=cap) as response:
+        response.raise_for_status()
+        with open(dest, "wb") as out:
+            for chunk in rp_ssrf.iter_content_capped(response, _CHUNK_BYTES, cap):
+                out.write(chunk)
+                written += len(chunk)
+    return written

@@ -1,0 +1,352 @@
+"""The job runner behind ``handler.py``.
+
+:class:`Worker` owns the settings and the one pipeline of the process. Its async :meth:`Worker.handle`
+is the Runpod handler: the job runs in a worker thread (``asyncio.to_thread``) so the event loop
+stays free for the SDK's stop signals, and a cancelled task sets the job's cancel event, which the
+pipeline checks between segments.
+
+One job goes through: schema check -> fetch media -> CPU checks -> ``pipeline.prepare`` ->
+``pipeline.generate`` -> one MP4 encode with the original audio -> delivery. Every failure becomes
+``{"error": <sentence>, "error_code": <code>}`` (plus ``"refresh_worker": true`` after GPU
+faults); tracebacks only go to the log. The job's temporary folder is removed in every case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hallo3_worker.errors import ErrorCode, InputError
+from hallo3_worker.interface import Cancelled, GenerationRequest, GenerationResult, Progress, TalkingHeadPipeline
+from hallo3_worker.settings import Settings, load_settings
+from hallo3_worker.worker import media
+from hallo3_worker.worker.delivery import DeliveryError, deliver, safe_key_part
+from hallo3_worker.worker.inputs import FetchedMedia, SourceKind, describe, fetch_media
+from hallo3_worker.worker.runtime import TINY_MODEL_WARNING, configure_logging, load_pipeline
+from hallo3_worker.worker.schema import JobSpec, parse_job
+
+logger = logging.getLogger(__name__)
+
+JOB_DIR_PREFIX = "job-"
+ProgressSender = Callable[[Mapping[str, Any], dict[str, Any]], None]
+
+# Share of the whole job given to each worker stage in progress reports; generation gets the rest.
+_STAGE_FRACTIONS = {"fetch": 0.0, "prepare": 0.03, "encode": 0.95, "deliver": 0.98}
+_GENERATE_SPAN = (0.05, 0.95)
+_CUDA_ERROR_MARKERS = ("CUDA error", "CUDA driver", "cuDNN error", "CUDNN_STATUS", "CUBLAS_STATUS",
+                       "device-side assert", "NCCL error")
+
+
+def _runpod_progress_update(job: Mapping[str, Any], payload: dict[str, Any]) -> None:
+    from runpod.serverless import progress_update  # the SDK import is slow; keep it lazy
+
+    progress_update(dict(job), payload)
+
+
+class Worker:
+    """Runs jobs against one pipeline that was loaded once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: TalkingHeadPipeline,
+        progress_sender: ProgressSender | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self._send_progress = progress_sender or _runpod_progress_update
+        self._pipeline_lock = threading.Lock()  # one generation at a time, even after a cancel
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_job_dirs()
+
+    # ------------------------------------------------------------------------------ async entry
+
+    async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The Runpod handler. Re-raises ``CancelledError`` after asking the job to stop."""
+        cancel = threading.Event()
+        task = asyncio.ensure_future(asyncio.to_thread(self.run, job, cancel))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancel.set()
+            logger.info("Job %s: cancel requested; stopping at the next segment", _job_ref(job))
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task}, timeout=self.settings.cancel_grace_s)  # let it clean up
+            raise
+
+    # ------------------------------------------------------------------------------- sync path
+
+    def run(self, job: Mapping[str, Any], cancel: threading.Event | None = None) -> dict[str, Any]:
+        """Run one job to a result dict; never raises (except for process-level exits)."""
+        cancel = cancel or threading.Event()
+        ref = _job_ref(job)
+        started = time.perf_counter()
+        try:
+            with _job_dir(self.settings.work_dir, ref) as job_dir:
+                output = self._run(job, cancel, job_dir, started)
+            logger.info("Job %s: done in %.1f s", ref, time.perf_counter() - started)
+            return output
+        except (InputError, DeliveryError) as err:
+            logger.info("Job %s: rejected with %s: %s", ref, err.code.value, err.message)
+            return err.to_response()
+        except Cancelled:
+            logger.info("Job %s: cancelled", ref)
+            return {"error": "The job was cancelled.", "error_code": ErrorCode.CANCELLED.value}
+        except Exception as err:  # the last line of defence: log everything, return little
+            return _failure_response(err, ref)
+
+    def _run(self, job: Mapping[str, Any], cancel: threading.Event, job_dir: Path, started: float) -> dict[str, Any]:
+        timings: dict[str, float] = {}
+        spec = parse_job(job, self.settings)
+        warnings: list[str] = [TINY_MODEL_WARNING] if self.pipeline.is_tiny else []
+        report = _ProgressReporter(job, self.settings.on_platform, self._send_progress)
+        logger.info(
+            "Job %s: image %s, audio %s, seed %d, steps %d, guidance %g, framing %s, output %s",
+            _job_ref(job), describe(spec.image), describe(spec.audio), spec.seed, spec.steps, spec.guidance,
+            spec.framing.value, spec.output.mode.value,
+        )
+
+        report.stage("fetch")
+        with _timed(timings, "fetch"):
+            image = fetch_media(spec.image, "image", job_dir / "image.bin", self.settings.max_image_bytes,
+                                volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s)
+            audio = fetch_media(spec.audio, "audio", job_dir / "audio.bin", self.settings.max_audio_bytes,
+                                volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s)
+        _check_cancel(cancel)
+
+        with _timed(timings, "validate"):
+            image_path, audio_path = self._check_media(spec, image, audio, warnings)
+        _check_cancel(cancel)
+
+        request = GenerationRequest(
+            image_path=image_path,
+            audio_path=audio_path,
+            prompt=spec.prompt,
+            seed=spec.seed,
+            steps=spec.steps,
+            guidance=spec.guidance,
+            framing=spec.framing,
+            separate_vocals=spec.separate_vocals,
+            max_duration_s=spec.max_duration_s,
+        )
+        with self._pipeline_lock:
+            report.stage("prepare")
+            with _timed(timings, "prepare"):
+                prepared = self.pipeline.prepare(request)
+            _check_cancel(cancel)
+            with _timed(timings, "generate"):
+                result = self.pipeline.generate(prepared, progress=report.pipeline, cancel=cancel)
+        frames = _checked_frames(result)
+        _check_cancel(cancel)
+
+        report.stage("encode")
+        with _timed(timings, "encode"):
+            video = media.encode_mp4(frames, result.fps, audio_path, job_dir / "output.mp4",
+                                     crf=self.settings.video_crf, preset=self.settings.video_preset)
+        _check_cancel(cancel)
+
+        report.stage("deliver")
+        with _timed(timings, "deliver"):
+            delivered = deliver(video.path, spec, self.settings)
+        for name, seconds in result.timings.items():
+            timings[f"generate_{name}"] = round(float(seconds), 3)
+        timings["total"] = round(time.perf_counter() - started, 3)
+        return {
+            "video": delivered.video,
+            "video_type": delivered.video_type,
+            "seed": spec.seed,
+            "width": video.width,
+            "height": video.height,
+            "fps": video.fps,
+            "frames": video.frames,
+            "duration_s": round(video.duration_s, 3),
+            "audio_duration_s": round(prepared.audio_duration_s, 3),
+            "has_audio": video.has_audio,
+            "size_bytes": video.size_bytes,
+            "timings": timings,
+            "warnings": _unique(warnings + prepared.warnings + result.warnings + delivered.warnings),
+        }
+
+    def _check_media(self, spec: JobSpec, image: FetchedMedia, audio: FetchedMedia,
+                     warnings: list[str]) -> tuple[Path, Path]:
+        """CPU checks of both files before any GPU work; returns their final paths."""
+        s = self.settings
+        image_info = media.inspect_image(image.path, min_side=s.min_image_side, max_pixels=s.max_image_pixels)
+        cap = s.max_duration_s if spec.max_duration_s is None else spec.max_duration_s
+        audio_info = media.inspect_audio(audio.path, decode_limit_s=cap, min_duration_s=s.min_duration_s,
+                                         silence_dbfs=s.silence_dbfs)
+        if not audio_info.complete:
+            if spec.max_duration_s is None:
+                raise InputError(
+                    ErrorCode.AUDIO_TOO_LONG,
+                    f"The audio is longer than the {s.max_duration_s:g} s limit of this endpoint; send shorter "
+                    "audio, or set max_duration_s to render only its beginning.",
+                )
+            warnings.append(media.trim_warning(cap))
+        return _with_extension(image, image_info.extension), _with_extension(audio, audio_info.extension)
+
+    def _remove_stale_job_dirs(self) -> None:
+        """Job folders left by a process that died mid-job (nothing runs yet at start-up)."""
+        for leftover in self.settings.work_dir.glob(f"{JOB_DIR_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def create_worker(settings: Settings | None = None) -> Worker:
+    """Read the settings, set up logging and load the pipeline: once per process."""
+    settings = settings or load_settings()
+    configure_logging(settings)
+    return Worker(settings, load_pipeline(settings))
+
+
+def _job_ref(job: Mapping[str, Any]) -> str:
+    return safe_key_part(str(job.get("id") or "local"))
+
+
+@contextlib.contextmanager
+def _job_dir(base: Path, ref: str) -> Iterator[Path]:
+    """A fresh folder for one job under ``base``, removed on exit whatever happens."""
+    base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{JOB_DIR_PREFIX}{ref[:40]}-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            logger.error("Could not remove the job folder %s", path)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - started, 3)
+
+
+def _check_cancel(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise Cancelled("cancel requested")
+
+
+def _with_extension(fetched: FetchedMedia, extension: str) -> Path:
+    """Give a file in the job folder a suffix matching its content (volume files stay in place)."""
+    if fetched.kind is SourceKind.PATH:
+        return fetched.path
+    return fetched.path.rename(fetched.path.with_suffix(extension))
+
+
+def _checked_frames(result: GenerationResult) -> np.ndarray:
+    """The result's frames as (N, H, W, 3) uint8; anything else is a pipeline bug."""
+    frames = np.asarray(result.frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0 or min(frames.shape[1:3]) < 2:
+        raise RuntimeError(f"pipeline returned frames of shape {frames.shape}; expected (N, H, W, 3)")
+    if frames.dtype != np.uint8:
+        raise RuntimeError(f"pipeline returned frames of dtype {frames.dtype}; expected uint8")
+    if not isinstance(result.fps, int) or result.fps <= 0:
+        raise RuntimeError(f"pipeline returned fps {result.fps!r}")
+    return frames
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _torch_error_types(*names: str) -> tuple[type, ...]:
+    """Torch exception classes by attribute path, without importing torch if nothing did."""
+    torch = sys.modules.get("torch")
+    found: list[type] = []
+    for name in names:
+        obj: Any = torch
+        for part in name.split("."):
+            obj = getattr(obj, part, None) if obj is not None else None
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            found.append(obj)
+    return tuple(found)
+
+
+def _failure_response(err: Exception, ref: str) -> dict[str, Any]:
+    """Classify an unexpected exception; the traceback goes to the log only."""
+    message = str(err)
+    oom_types = _torch_error_types("cuda.OutOfMemoryError", "OutOfMemoryError")
+    is_oom = isinstance(err, RuntimeError) and "CUDA out of memory" in message
+    if is_oom or (oom_types and isinstance(err, oom_types)):
+        logger.exception("Job %s: GPU out of memory; asking for a fresh worker", ref)
+        return {
+            "error": "The GPU ran out of memory. The worker restarts; retry, or use shorter audio.",
+            "error_code": ErrorCode.GPU_OUT_OF_MEMORY.value,
+            "refresh_worker": True,
+        }
+    gpu_types = _torch_error_types("AcceleratorError")
+    if (gpu_types and isinstance(err, gpu_types)) or (
+        isinstance(err, RuntimeError) and any(marker in message for marker in _CUDA_ERROR_MARKERS)
+    ):
+        logger.exception("Job %s: GPU error; asking for a fresh worker", ref)
+        return {
+            "error": "The GPU failed while generating. The worker restarts; please retry.",
+            "error_code": ErrorCode.GPU_ERROR.value,
+            "refresh_worker": True,
+        }
+    logger.exception("Job %s: internal error", ref)
+    return {
+        "error": f"Internal error while processing job {ref}; the details are in the worker log.",
+        "error_code": ErrorCode.INTERNAL_ERROR.value,
+    }
+
+
+class _ProgressReporter:
+    """Turns stage changes and pipeline progress into coarse ``progress_update`` posts.
+
+    One post per stage or segment change; only on the platform (locally the SDK would post to a
+    placeholder URL), always logged.
+    """
+
+    def __init__(self, job: Mapping[str, Any], on_platform: bool, sender: ProgressSender) -> None:
+        self.job = job
+        self.on_platform = on_platform
+        self.sender = sender
+        self._last: tuple[Any, ...] | None = None
+
+    def stage(self, name: str) -> None:
+        self._emit({"stage": name, "progress": _STAGE_FRACTIONS.get(name, 0.0)})
+
+    def pipeline(self, progress: Progress) -> None:
+        low, high = _GENERATE_SPAN
+        fraction = min(1.0, max(0.0, float(progress.fraction)))
+        payload: dict[str, Any] = {"stage": progress.stage, "progress": round(low + (high - low) * fraction, 3)}
+        if progress.segment is not None and progress.num_segments:
+            payload["segment"] = progress.segment + 1  # 1-based for people
+            payload["num_segments"] = progress.num_segments
+        self._emit(payload)
+
+    def _emit(self, payload: dict[str, Any]) -> None:
+        key = (payload["stage"], payload.get("segment"))
+        if key == self._last:
+            return
+        self._last = key
+        segment = f" segment {payload['segment']}/{payload['num_segments']}" if "segment" in payload else ""
+        logger.info("Job %s: %s%s (%.0f%%)", _job_ref(self.job), payload["stage"], segment,
+                    100 * payload["progress"])
+        if not self.on_platform:
+            return
+        try:
+            self.sender(self.job, payload)
+        except Exception:  # progress is best effort; it must never fail the job
+            logger.warning("Job %s: progress update failed", _job_ref(self.job), exc_info=True)
+
+
+__all__ = ["Worker", "create_worker"]

@@ -1,0 +1,114 @@
+"""Delivery through a local S3 stand-in (moto_server on 127.0.0.1) and the inline fallbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from worker_support import b64, probe_mp4
+
+from hallo3_worker.errors import ErrorCode
+from hallo3_worker.settings import load_settings
+
+SECRET = "moto-secret-key"
+
+
+def s3_config(endpoint: str, bucket: str) -> dict[str, str]:
+    return {"accessId": "moto-access", "accessSecret": SECRET, "bucketName": bucket, "endpointUrl": endpoint}
+
+
+def fetch_url(url: str) -> bytes:
+    assert url.startswith("http://127.0.0.1:"), url  # loopback only
+    response = requests.get(url, timeout=10, proxies={"http": "", "https": ""})
+    response.raise_for_status()
+    return response.content
+
+
+@pytest.fixture
+def inputs(face_jpg: bytes, short_wav: bytes) -> dict[str, Any]:
+    return {"image": b64(face_jpg), "audio": b64(short_wav), "seed": 11}
+
+
+def test_upload_with_request_s3_config(run_job, inputs, moto_endpoint: str, bucket: str, s3_client) -> None:
+    result = run_job(inputs, s3Config=s3_config(moto_endpoint, bucket))
+    assert "error" not in result, result
+    assert result["video_type"] == "url" and result["seed"] == 11
+    assert result["video"].startswith(f"{moto_endpoint}/{bucket}/test-job-1/test-job-1.mp4?")
+    data = fetch_url(result["video"])
+    info = probe_mp4(data)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and len(info["frames"]) == result["frames"]
+    head = s3_client.head_object(Bucket=bucket, Key="test-job-1/test-job-1.mp4")
+    assert head["ContentType"] == "video/mp4" and head["ContentLength"] == len(data)
+
+
+def test_upload_with_endpoint_bucket_settings(make_runner, tmp_path: Path, inputs, moto_endpoint: str, bucket: str,
+                                              s3_client) -> None:
+    settings = load_settings({
+        "HALLO3_WORK_DIR": str(tmp_path / "work"),
+        "HALLO3_VIDEO_PRESET": "ultrafast",
+        "BUCKET_ENDPOINT_URL": moto_endpoint,
+        "BUCKET_ACCESS_KEY_ID": "moto-access",
+        "BUCKET_SECRET_ACCESS_KEY": SECRET,
+        "BUCKET_NAME": bucket,
+        "BUCKET_PREFIX": "renders",
+    })
+    run_job = make_runner(settings)
+    result = run_job({**inputs, "output": {"mode": "s3", "filename": "talk.mp4"}})
+    assert result["video_type"] == "url", result
+    assert result["video"].startswith(f"{moto_endpoint}/{bucket}/renders/test-job-1/talk.mp4?")
+    assert fetch_url(result["video"])[4:8] == b"ftyp"
+    assert s3_client.head_object(Bucket=bucket, Key="renders/test-job-1/talk.mp4")["ContentType"] == "video/mp4"
+
+
+def test_request_s3_config_wins_over_endpoint_settings(make_runner, make_settings, inputs, moto_endpoint: str,
+                                                       bucket: str, s3_client) -> None:
+    from hallo3_worker.settings import BucketSettings
+
+    endpoint_bucket = BucketSettings(moto_endpoint, "moto-access", SECRET, "no-such-endpoint-bucket")
+    run_job = make_runner(make_settings(bucket=endpoint_bucket))
+    result = run_job(inputs, s3Config=s3_config(moto_endpoint, bucket))
+    assert result["video_type"] == "url", result
+    assert f"/{bucket}/" in result["video"]
+
+
+def test_base64_mode_ignores_buckets(run_job, inputs, moto_endpoint: str, bucket: str) -> None:
+    result = run_job({**inputs, "output": {"mode": "base64"}}, s3Config=s3_config(moto_endpoint, bucket))
+    assert result["video_type"] == "base64" and len(result["video"]) > 1000
+
+
+def test_upload_failure(run_job, inputs, moto_endpoint: str, s3_client) -> None:
+    config = s3_config(moto_endpoint, "bucket-that-does-not-exist")
+    failed = run_job({**inputs, "output": {"mode": "s3"}}, s3Config=config)
+    assert failed["error_code"] == ErrorCode.UPLOAD_FAILED.value
+    assert "NoSuchBucket" in failed["error"] and SECRET not in failed["error"]
+    # In "auto" mode a small video still comes back, inline, with a warning.
+    fallback = run_job(inputs, s3Config=config)
+    assert fallback["video_type"] == "base64"
+    assert any("returned inline" in w for w in fallback["warnings"])
+
+
+def test_upload_failure_and_too_large_for_inline(make_runner, make_settings, inputs, moto_endpoint: str,
+                                                 s3_client) -> None:
+    run_job = make_runner(make_settings(inline_output_max_bytes=1000))
+    result = run_job(inputs, s3Config=s3_config(moto_endpoint, "bucket-that-does-not-exist"))
+    assert result["error_code"] == ErrorCode.UPLOAD_FAILED.value
+
+
+def test_s3_mode_without_any_bucket(run_job, inputs) -> None:
+    result = run_job({**inputs, "output": {"mode": "s3"}})
+    assert result["error_code"] == ErrorCode.BUCKET_NOT_CONFIGURED.value
+
+
+def test_sdk_local_fallback_is_never_returned(run_job, inputs, monkeypatch: pytest.MonkeyPatch, _isolated_env: Path,
+                                              moto_endpoint: str, bucket: str) -> None:
+    """Without an S3 client the SDK copies the file to ./local_upload and returns that path."""
+    from runpod.serverless.utils import rp_upload
+
+    monkeypatch.setattr(rp_upload, "get_boto_client", lambda bucket_creds=None: (None, None))
+    strict = run_job({**inputs, "output": {"mode": "s3"}}, s3Config=s3_config(moto_endpoint, bucket))
+    assert strict["error_code"] == ErrorCode.UPLOAD_FAILED.value and "local_upload" not in strict["error"]
+    auto = run_job(inputs, s3Config=s3_config(moto_endpoint, bucket))
+    assert auto["video_type"] == "base64" and "local_upload" not in auto["video"][:100]
+    assert not (_isolated_env / "local_upload").exists()  # the SDK's copy was removed

@@ -1,0 +1,91 @@
+"""``python handler.py --rp_serve_api`` in a subprocess: /runsync, /run + /status with test_input.json."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from worker_support import PROXY_VARS, REPO_ROOT, free_port, probe_mp4, stop_process, wait_for_port
+
+NO_PROXY = {"http": "", "https": ""}
+
+
+@pytest.fixture(scope="module")
+def test_job() -> dict[str, Any]:
+    return json.loads((REPO_ROOT / "test_input.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    """The worker's local API on 127.0.0.1:<free port>; yields (base URL, work dir, log file)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    work_dir, log = tmp / "work", tmp / "server.log"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in PROXY_VARS and not k.startswith(("BUCKET_", "RUNPOD_", "HALLO3_"))}
+    env.update({"HALLO3_WORK_DIR": str(work_dir), "HALLO3_VIDEO_PRESET": "ultrafast", "NO_PROXY": "127.0.0.1",
+                "UVICORN_LOG_LEVEL": "warning"})
+    command = [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
+               "--rp_api_port", str(port)]
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_for_port(port, 60, proc)
+        except (TimeoutError, RuntimeError):
+            pytest.fail("the API server did not start:\n" + log.read_text(errors="replace")[-3000:])
+        yield f"http://127.0.0.1:{port}", work_dir, log
+    finally:
+        stop_process(proc)
+
+
+def check_output(output: dict[str, Any], job_input: dict[str, Any]) -> None:
+    assert output["video_type"] == "base64" and output["seed"] == job_input["seed"]
+    info = probe_mp4(base64.b64decode(output["video"]))
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac"
+    assert len(info["frames"]) == output["frames"] and output["fps"] == 25
+    assert abs(info["duration_s"] - output["audio_duration_s"]) <= 1 / 25
+    assert any("tiny random-weight model" in w for w in output["warnings"])
+
+
+def test_runsync(server, test_job: dict[str, Any]) -> None:
+    base, work_dir, log = server
+    response = requests.post(f"{base}/runsync", json={"input": test_job["input"]}, timeout=120, proxies=NO_PROXY)
+    response.raise_for_status()
+    body = response.json()
+    assert body["status"] == "COMPLETED", body
+    check_output(body["output"], test_job["input"])
+    assert list(work_dir.iterdir()) == []
+    text = log.read_text(errors="replace")
+    assert "tiny random-weight model" in text  # the start-up log says what runs
+    payload = test_job["input"]["image"].split(",", 1)[1]
+    assert payload[:60] not in text and body["output"]["video"][:60] not in text  # no base64 in the log
+
+
+def test_run_then_status(server, test_job: dict[str, Any]) -> None:
+    base, work_dir, _ = server
+    queued = requests.post(f"{base}/run", json={"input": test_job["input"]}, timeout=30, proxies=NO_PROXY).json()
+    assert queued["status"] == "IN_PROGRESS" and queued["id"]
+    body = requests.post(f"{base}/status/{queued['id']}", timeout=120, proxies=NO_PROXY).json()
+    assert body["status"] == "COMPLETED", body
+    check_output(body["output"], test_job["input"])
+    assert list(work_dir.iterdir()) == []
+
+
+def test_runsync_error_is_a_failed_job(server) -> None:
+    base, _, _ = server
+    started = time.monotonic()
+    body = requests.post(f"{base}/runsync", json={"input": {"image": "x", "audio": "y", "stepz": 3}}, timeout=30,
+                         proxies=NO_PROXY).json()
+    assert body["status"] == "FAILED" and "stepz" in body["error"] and "Did you mean 'steps'" in body["error"]
+    assert "Traceback" not in body["error"]
+    assert time.monotonic() - started < 10
