@@ -263,6 +263,7 @@ class DiTBlock(nn.Module):
         d = config.hidden_size
         self.norm1 = nn.LayerNorm(d, eps=config.layernorm_eps)
         self.adaln = AdaLNModulation(config.time_embed_dim, d, 12)
+        self.has_attention_and_mlp = attention_and_mlp
         if attention_and_mlp:
             self.attn = SelfAttention(config)
             self.norm2 = nn.LayerNorm(d, eps=config.layernorm_eps)

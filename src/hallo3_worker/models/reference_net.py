@@ -52,7 +52,7 @@ class ReferenceNet(DiTBackbone):
             mod = block.modulation(emb)
             text_in, video_in = block.attention_input(text_tokens, video_tokens, mod)
             tokens.append(video_in)
-            if not hasattr(block, "attn"):
+            if not block.has_attention_and_mlp:
                 break
             text_tokens, video_tokens = block.attention_residual(
                 text_tokens, video_tokens, text_in, video_in, mod, rope
