@@ -26,6 +26,9 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constrai
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+demo: setup
+	$(PY) scripts/run_job.py test_input.json out/demo.mp4
+
 bench: setup
 	$(PY) scripts/benchmark_denoiser.py
 
