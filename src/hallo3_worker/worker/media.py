@@ -20,6 +20,7 @@ import av.error
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from hallo3_worker.conditioning.audio import rms_dbfs
 from hallo3_worker.errors import ErrorCode, InputError
 
 logger = logging.getLogger(__name__)
@@ -165,14 +166,6 @@ def load_audio_mono(path: Path, rate: int = ANALYSIS_RATE, limit_s: float | None
         raise
     except (av.error.FFmpegError, ValueError, OSError, UnicodeDecodeError):
         raise InputError(ErrorCode.AUDIO_UNDECODABLE, "The audio could not be decoded.") from None
-
-
-def rms_dbfs(samples: np.ndarray) -> float:
-    """RMS level of float samples in dB relative to full scale (-inf for digital silence)."""
-    if samples.size == 0:
-        return -math.inf
-    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
-    return 20.0 * math.log10(rms) if rms > 0 else -math.inf
 
 
 def inspect_audio(path: Path, *, decode_limit_s: float, min_duration_s: float, silence_dbfs: float) -> AudioInfo:
