@@ -39,8 +39,10 @@ class SamplerConfig:
     beta_end: float = 0.012
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_steps < self.num_train_timesteps:
-            raise ValueError(f"num_steps must be in [1, {self.num_train_timesteps}), got {self.num_steps}")
+        # The zero-SNR rescale maps the first selected step to itself and the last to 0, so it
+        # needs two distinct steps.
+        if not 2 <= self.num_steps < self.num_train_timesteps:
+            raise ValueError(f"num_steps must be in [2, {self.num_train_timesteps}), got {self.num_steps}")
 
 
 def _alphas_cumprod(config: SamplerConfig) -> np.ndarray:

@@ -62,6 +62,7 @@ def test_explicit_values(settings: Settings) -> None:
         ({"steps": 2.5}, ErrorCode.INVALID_TYPE),
         ({"steps": "50"}, ErrorCode.INVALID_TYPE),
         ({"steps": 0}, ErrorCode.OUT_OF_RANGE),
+        ({"steps": 1}, ErrorCode.OUT_OF_RANGE),
         ({"steps": 101}, ErrorCode.OUT_OF_RANGE),
         ({"guidance": False}, ErrorCode.INVALID_TYPE),
         ({"guidance": 0.5}, ErrorCode.OUT_OF_RANGE),

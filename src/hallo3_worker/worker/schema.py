@@ -26,7 +26,7 @@ from hallo3_worker.settings import Settings
 DEFAULT_PROMPT = "A person is talking."
 MAX_PROMPT_CHARS = 2000
 SEED_MAX = 2**32 - 1  # numpy's seeding range
-STEPS_RANGE = (1, 100)
+STEPS_RANGE = (2, 100)  # the zero-SNR schedule needs at least two steps
 DEFAULT_STEPS = 50
 GUIDANCE_RANGE = (1.0, 20.0)
 DEFAULT_GUIDANCE = 3.5
