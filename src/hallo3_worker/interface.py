@@ -42,6 +42,8 @@ class GenerationRequest:
     framing: Framing = Framing.UPSTREAM
     separate_vocals: bool = True
     max_duration_s: float | None = None
+    # The job's private folder: the only place the pipeline may write files (e.g. separated vocals).
+    work_dir: Path | None = None
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from worker_support import ASSETS, PROXY_VARS, free_port, stop_process, voice_li
 
 from hallo3_worker.interface import TalkingHeadPipeline
 from hallo3_worker.settings import Settings
-from hallo3_worker.worker.placeholder import NoiseTalkingHeadPipeline
+from fake_pipeline import NoiseTalkingHeadPipeline
 from hallo3_worker.worker.service import Worker
 
 # ------------------------------------------------------------------------------------ environment

@@ -16,7 +16,7 @@ from worker_support import REPO_ROOT, b64
 from hallo3_worker.errors import ErrorCode
 from hallo3_worker.interface import Cancelled, GenerationResult, PreparedJob, Progress, ProgressCallback
 from hallo3_worker.settings import Settings
-from hallo3_worker.worker.placeholder import NoiseTalkingHeadPipeline
+from fake_pipeline import NoiseTalkingHeadPipeline
 from hallo3_worker.worker.service import Worker
 
 

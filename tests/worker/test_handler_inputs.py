@@ -14,7 +14,7 @@ from worker_support import b64, jpeg_bytes, voice_like, wav_bytes
 from hallo3_worker.errors import ErrorCode, InputError
 from hallo3_worker.interface import GenerationRequest, PreparedJob
 from hallo3_worker.settings import Settings
-from hallo3_worker.worker.placeholder import NoiseTalkingHeadPipeline
+from fake_pipeline import NoiseTalkingHeadPipeline
 
 DATA_JPEG = "data:image/jpeg;base64,"
 DATA_WAV = "data:audio/wav;base64,"

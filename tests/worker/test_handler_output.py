@@ -14,7 +14,7 @@ from worker_support import b64, jpeg_bytes, probe_mp4
 
 from hallo3_worker.errors import ErrorCode
 from hallo3_worker.worker.media import load_audio_mono
-from hallo3_worker.worker.placeholder import WARNING as PLACEHOLDER_WARNING
+from fake_pipeline import WARNING as PLACEHOLDER_WARNING
 from hallo3_worker.worker.runtime import TINY_MODEL_WARNING
 
 FRAME_S = 1 / 25
@@ -140,7 +140,7 @@ def test_no_progress_posts_off_the_platform(run_job, progress, face_jpg: bytes, 
 
 def test_a_failing_progress_post_does_not_fail_the_job(make_runner, make_settings, face_jpg: bytes,
                                                        short_wav: bytes) -> None:
-    from hallo3_worker.worker.placeholder import NoiseTalkingHeadPipeline
+    from fake_pipeline import NoiseTalkingHeadPipeline
     from hallo3_worker.worker.service import Worker
 
     settings = make_settings(on_platform=True)

@@ -78,18 +78,28 @@ def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
 def load_pipeline(settings: Settings) -> TalkingHeadPipeline:
     """Build the pipeline once, at start-up.
 
-    Without ``settings.weights_dir`` the worker serves the embedded tiny model; until that model
-    is available a placeholder (:class:`NoiseTalkingHeadPipeline`) stands in for it. With weights
-    configured, the real Hallo3 pipeline is required: a worker that was told to serve real
-    weights refuses to start rather than quietly serve something else.
+    Without ``settings.weights_dir`` the worker serves the embedded tiny random-weight model (the
+    real pipeline code with tiny networks). With weights configured, the real Hallo3 pipeline is
+    required: a worker that was told to serve real weights refuses to start rather than quietly
+    serve something else.
     """
+    from hallo3_worker.pipeline import InputLimits, Placement
+
+    device = resolve_device(settings)
+    placement = Placement(device=device, dtype=resolve_dtype(settings, device))
+    limits = InputLimits(
+        min_image_side=settings.min_image_side,
+        max_image_pixels=settings.max_image_pixels,
+        max_duration_s=settings.max_duration_s,
+        min_duration_s=settings.min_duration_s,
+        silence_dbfs=settings.silence_dbfs,
+    )
     if settings.weights_dir is None:
-        from hallo3_worker.worker.placeholder import NoiseTalkingHeadPipeline
+        from hallo3_worker.tiny import build_tiny_pipeline
 
         logger.warning(TINY_MODEL_WARNING)
-        logger.warning("The tiny model is not available yet: using the NoiseTalkingHeadPipeline placeholder.")
-        return NoiseTalkingHeadPipeline(settings)
+        return build_tiny_pipeline(None, placement, limits=limits)
     raise RuntimeError(
-        f"HALLO3_WEIGHTS_DIR is set to {settings.weights_dir}, but this build does not include the Hallo3 "
-        "pipeline; unset HALLO3_WEIGHTS_DIR to run the tiny model."
+        f"HALLO3_WEIGHTS_DIR is set to {settings.weights_dir}, but loading the real Hallo3 weights is not "
+        "wired into this build yet; unset HALLO3_WEIGHTS_DIR to run the tiny model."
     )

@@ -139,6 +139,7 @@ class Worker:
             framing=spec.framing,
             separate_vocals=spec.separate_vocals,
             max_duration_s=spec.max_duration_s,
+            work_dir=job_dir,
         )
         with self._pipeline_lock:
             report.stage("prepare")

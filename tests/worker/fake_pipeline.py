@@ -1,12 +1,13 @@
-"""A stand-in pipeline used until the embedded tiny Hallo3 model is available.
+"""A fast pipeline double for the worker's contract tests.
 
 :class:`NoiseTalkingHeadPipeline` implements :class:`~hallo3_worker.interface.TalkingHeadPipeline`
-honestly on the CPU side: ``prepare`` really decodes and checks the image (Pillow) and the audio
-(PyAV) and frames the portrait the way upstream Hallo3 does (a square image gives 480x480,
-anything else a 720x480 centre crop). ``generate`` does not run any network: each frame is the
-framed reference image overlaid with seeded block noise, produced in 47-frame segments (the number
-of new frames per Hallo3 window) with a progress report and a cancel check per segment. It says so
-in the result's warnings.
+without networks, so the worker's own behaviour (schema, media, encoding, delivery, faults,
+cancel) can be tested in milliseconds: ``prepare`` really decodes and checks the image (Pillow)
+and the audio (PyAV) and frames the portrait the way upstream Hallo3 does (a square image gives
+480x480, anything else a 720x480 centre crop); ``generate`` overlays the framed image with seeded
+block noise in 47-frame segments, with a progress report and a cancel check per segment, and says
+so in the result's warnings. The real pipeline, with the embedded tiny model, is exercised by
+tests/test_pipeline_tiny.py and the local-server test.
 """
 
 from __future__ import annotations

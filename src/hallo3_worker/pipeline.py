@@ -1,0 +1,417 @@
+"""The Hallo3 pipeline: image + speech + prompt -> talking-head frames.
+
+One :class:`Hallo3Pipeline` owns the loaded networks and runs jobs in two phases (see
+:mod:`hallo3_worker.interface`): :meth:`Hallo3Pipeline.prepare` checks and preprocesses the inputs
+on the CPU, :meth:`Hallo3Pipeline.generate` runs the networks.
+
+Generation, as upstream's ``sample_video.py`` computes it (spec section 1), except where noted:
+
+1. Audio: optional vocal separation, 16 kHz, wav2vec2 features of the clip padded to a multiple of
+   49 frames, the +-2 frame window.
+2. Text: T5 once per job; the unconditional text is zeros.
+3. Reference: the face-masked image is VAE-encoded and the reference network runs **once per job**
+   (upstream re-runs it every segment with identical inputs).
+4. Segments of 49 frames, each re-using the last 2 frames of the previous one as motion frames:
+   ``[image, masked motion, masked motion]`` is VAE-encoded (sampled posterior, x0.7) and padded
+   with 12 zero latent frames; the sampler produces 13 latent frames; they are decoded in
+   upstream's latent chunks; the first 2 frames of every segment are dropped. Exactly
+   ``ceil(frames / 47)`` segments run (upstream runs one more when padding pushes the audio past a
+   multiple of 47; that segment only produces frames that are cropped away).
+5. Frames are stitched, cut to the audio length, converted to uint8 by truncation and cropped to
+   the output region (480x480 for square inputs).
+
+All randomness comes from a :class:`NoiseSource`; :class:`SeededNoise` draws every stream from
+one CPU ``torch.Generator`` seeded by the job's seed, so a seed gives the same video on any device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from hallo3_worker.conditioning.audio import (
+    CLIP_FRAMES,
+    FPS,
+    MOTION_FRAMES,
+    NEW_FRAMES_PER_SEGMENT,
+    DecodedAudio,
+    VocalSeparatorLike,
+    Wav2VecEncoder,
+    decode_audio,
+    num_segments,
+    segment_audio_chunk,
+    speech_to_16k,
+)
+from hallo3_worker.conditioning.face import FaceAnalysisResult
+from hallo3_worker.conditioning.image import (
+    CANVAS_SIZE,
+    MIN_IMAGE_SIDE,
+    ProcessedImage,
+    crop_output_frames,
+    load_image,
+    preprocess_image,
+)
+from hallo3_worker.conditioning.text import T5TextEncoder
+from hallo3_worker.denoiser import SegmentConditions, guidance_model_fn
+from hallo3_worker.errors import ErrorCode, InputError
+from hallo3_worker.interface import (
+    Cancelled,
+    Framing,
+    GenerationRequest,
+    GenerationResult,
+    PreparedJob,
+    Progress,
+    ProgressCallback,
+)
+from hallo3_worker.models.reference_net import ReferenceNet
+from hallo3_worker.models.transformer import Hallo3Transformer
+from hallo3_worker.models.vae import Hallo3VAE
+from hallo3_worker.sampling import SamplerConfig, Schedule, sample
+
+logger = logging.getLogger(__name__)
+
+MOTION_MASK_RATE = 0.1  # share of motion-frame pixels zeroed, redrawn every segment
+
+
+class FaceAnalyzerLike(Protocol):
+    """Anything with ``analyze(rgb, framing=...) -> FaceAnalysisResult`` raising ``InputError(NO_FACE)``."""
+
+    def analyze(self, image: np.ndarray, *, framing: Framing = Framing.UPSTREAM) -> FaceAnalysisResult: ...
+
+
+class NoiseSource(Protocol):
+    """Every random draw of a job, by purpose. Tensors may be on any device; float32."""
+
+    def motion_mask(self, segment: int, height: int, width: int) -> torch.Tensor:
+        """Uniform [0, 1) of shape (height, width); pixels at or below the mask rate are zeroed."""
+        ...
+
+    def posterior(self, label: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Standard normal posterior noise of a VAE encode; label "reference" or "motion<t>"."""
+        ...
+
+    def initial(self, segment: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The segment's initial latent noise."""
+        ...
+
+    def step(self, segment: int, step: int, like: torch.Tensor) -> torch.Tensor:
+        """Noise the sampler adds after ``step`` of ``segment``."""
+        ...
+
+
+class SeededNoise:
+    """All streams drawn in call order from one CPU generator seeded with the job's seed."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def _normal(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, dtype=torch.float32)
+
+    def motion_mask(self, segment: int, height: int, width: int) -> torch.Tensor:
+        return torch.rand((height, width), generator=self.generator, dtype=torch.float32)
+
+    def posterior(self, label: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._normal(shape)
+
+    def initial(self, segment: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._normal(shape)
+
+    def step(self, segment: int, step: int, like: torch.Tensor) -> torch.Tensor:
+        return self._normal(tuple(like.shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the networks live.
+
+    ``device``/``dtype``: the compute device and the networks' dtype. The text encoder and the
+    reference network are used once per job; with ``offload`` they wait on ``offload_device``
+    between jobs and visit ``device`` only while they run.
+    """
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    offload_device: torch.device = torch.device("cpu")
+    offload: bool = True
+
+
+@dataclasses.dataclass
+class Hallo3Components:
+    """The loaded networks and tools of one pipeline."""
+
+    transformer: Hallo3Transformer
+    reference_net: ReferenceNet
+    vae: Hallo3VAE
+    text_encoder: T5TextEncoder
+    audio_encoder: Wav2VecEncoder
+    face_analyzer: FaceAnalyzerLike
+    separator: VocalSeparatorLike | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLimits:
+    """CPU-side checks of ``prepare``; the worker passes its settings here."""
+
+    min_image_side: int = MIN_IMAGE_SIDE
+    max_image_pixels: int = 40_000_000
+    max_duration_s: float = 60.0
+    min_duration_s: float = 0.2
+    silence_dbfs: float = -60.0
+
+
+class Hallo3Pipeline:
+    """Implements :class:`hallo3_worker.interface.TalkingHeadPipeline` with the Hallo3 networks.
+
+    ``canvas`` is the model's (height, width) input size: the real model's 480x720, or a smaller
+    one for the tiny model, whose frames are then resized to the real output size (``output_scale``).
+    """
+
+    def __init__(
+        self,
+        components: Hallo3Components,
+        placement: Placement,
+        *,
+        is_tiny: bool = False,
+        canvas: tuple[int, int] = CANVAS_SIZE,
+        output_canvas: tuple[int, int] = CANVAS_SIZE,
+        limits: InputLimits = InputLimits(),
+        noise_factory: Callable[[int], NoiseSource] = SeededNoise,
+    ) -> None:
+        self.components = components
+        self.placement = placement
+        self.is_tiny = is_tiny
+        self.canvas = canvas
+        self.output_canvas = output_canvas
+        self.limits = limits
+        self.noise_factory = noise_factory
+        self.assets_tmp: tempfile.TemporaryDirectory | None = None  # files the components read, if temporary
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------- prepare
+
+    def prepare(self, request: GenerationRequest) -> PreparedJob:
+        """Decode the image and audio, find the face, preprocess the image. CPU only (plus ONNX face models)."""
+        lim = self.limits
+        image = load_image(request.image_path, min_side=lim.min_image_side, max_pixels=lim.max_image_pixels)
+        face = self.components.face_analyzer.analyze(image, framing=request.framing)
+        processed = preprocess_image(image, face.mask, framing=request.framing, canvas=self.canvas)
+
+        audio = decode_audio(request.audio_path, silence_dbfs=lim.silence_dbfs)
+        warnings: list[str] = []
+        cap = lim.max_duration_s if request.max_duration_s is None else min(request.max_duration_s, lim.max_duration_s)
+        if audio.duration_s > cap + 1e-9:
+            if request.max_duration_s is None:
+                raise InputError(
+                    ErrorCode.AUDIO_TOO_LONG, f"The audio is longer than the {lim.max_duration_s:g} s limit."
+                )
+            audio = dataclasses.replace(audio, samples=audio.samples[:, : int(round(cap * audio.sample_rate))])
+            warnings.append(f"The audio was cut to its first {cap:g} s (max_duration_s).")
+        if audio.duration_s < lim.min_duration_s:
+            raise InputError(
+                ErrorCode.AUDIO_TOO_SHORT, f"The audio lasts {audio.duration_s:.2f} s; at least {lim.min_duration_s:g} s is needed."
+            )
+
+        top, left, height, width = processed.plan.output_crop
+        out_h, out_w = self._output_size(height, width)
+        return PreparedJob(
+            request=request,
+            audio_duration_s=audio.duration_s,
+            num_frames=math.ceil(audio.duration_s * FPS),
+            fps=FPS,
+            width=out_w,
+            height=out_h,
+            warnings=warnings,
+            data={"audio": audio, "face": face, "image": processed},
+        )
+
+    def _output_size(self, crop_h: int, crop_w: int) -> tuple[int, int]:
+        """Output (height, width): the crop of the canvas, scaled to the output canvas."""
+        scale_h = self.output_canvas[0] / self.canvas[0]
+        scale_w = self.output_canvas[1] / self.canvas[1]
+        return round(crop_h * scale_h), round(crop_w * scale_w)
+
+    # ------------------------------------------------------------------------------ generate
+
+    def generate(
+        self,
+        job: PreparedJob,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+        noise: NoiseSource | None = None,
+    ) -> GenerationResult:
+        """Run the networks; frames are RGB uint8 (N, H, W, 3) with N = the audio's frame count."""
+        request = job.request
+        noise = noise or self.noise_factory(request.seed)
+        cancel = cancel or threading.Event()
+        timings: dict[str, float] = {}
+        with self._lock, torch.inference_mode(), _work_dir(request.work_dir) as work_dir:
+            with _timed(timings, "audio"):
+                separator = self.components.separator if request.separate_vocals else None
+                speech = speech_to_16k(job.data["audio"], job_dir=work_dir, separator=separator)
+                features = self.components.audio_encoder.encode(speech)
+            _check(cancel)
+            with _timed(timings, "text"):
+                text = self._encode_text(request.prompt)
+            with _timed(timings, "reference"):
+                processed: ProcessedImage = job.data["image"]
+                reference = self._reference_tokens(processed, noise)
+            _check(cancel)
+
+            face = torch.from_numpy(job.data["face"].embedding).reshape(1, -1).float()
+            frames = self._segments(request, features, text, face, processed, reference, noise, progress, cancel, timings)
+
+        top, left, height, width = processed.plan.output_crop
+        video = crop_output_frames(frames, (top, left, height, width))
+        video = self._to_output_size(video, job.height, job.width)
+        return GenerationResult(frames=video, fps=FPS, timings=timings)
+
+    def _encode_text(self, prompt: str) -> torch.Tensor:
+        encoder = self.components.text_encoder
+        with self._visiting(encoder.model):
+            return encoder.encode(prompt)  # (1, L, text_dim)
+
+    def _reference_tokens(self, processed: ProcessedImage, noise: NoiseSource) -> list[torch.Tensor]:
+        """VAE-encode the face-masked image and run the reference network: one (1, R, D) per block."""
+        vae = self.components.vae
+        pixels = processed.ref_image.to(self.placement.dtype).unsqueeze(2)  # (1, 3, 1, H, W)
+        latent_shape = (1, vae.vae.config.latent_channels, 1, *self._latent_hw())
+        latent = vae.encode(pixels, noise=noise.posterior("reference", latent_shape))  # (1, 1, C, h, w)
+        with self._visiting(self.components.reference_net):
+            return [t.to(self.placement.device) for t in self.components.reference_net(latent.to(self.placement.device))]
+
+    def _latent_hw(self) -> tuple[int, int]:
+        factor = 2 ** (len(self.components.vae.vae.config.block_out_channels) - 1)  # 8 for the real VAE
+        return self.canvas[0] // factor, self.canvas[1] // factor
+
+    def _segments(
+        self,
+        request: GenerationRequest,
+        features,
+        text: torch.Tensor,
+        face: torch.Tensor,
+        processed: ProcessedImage,
+        reference: list[torch.Tensor],
+        noise: NoiseSource,
+        progress: ProgressCallback | None,
+        cancel: threading.Event,
+        timings: dict[str, float],
+    ) -> np.ndarray:
+        """The segment loop; returns canvas frames (N, H, W, 3) uint8 for the real audio length."""
+        c = self.components
+        dtype, device = self.placement.dtype, self.placement.device
+        config = SamplerConfig(num_steps=request.steps, guidance=request.guidance)
+        schedule = Schedule.create(config)
+        latent_frames = c.transformer.config.latent_frames
+        latent_shape = (1, latent_frames, c.transformer.config.out_channels, *self._latent_hw())
+        count = num_segments(features.audio_length)
+
+        image = processed.image.to(dtype).unsqueeze(2)  # (1, 3, 1, H, W): frame 0 of every motion clip
+        motion = torch.cat([image] * MOTION_FRAMES, dim=2)  # (1, 3, 2, H, W): segment 0 re-uses the image
+        kept: list[np.ndarray] = []
+        for segment in range(count):
+            _check(cancel)
+            started = time.perf_counter()
+            mask = noise.motion_mask(segment, *self.canvas).to(device) > MOTION_MASK_RATE  # (H, W)
+            clip = torch.cat([image.to(device), motion.to(device) * mask.to(dtype)], dim=2)  # (1, 3, 3, H, W)
+            posterior_shape = (1, c.vae.vae.config.latent_channels, 1, *self._latent_hw())
+            concat = c.vae.encode_condition(clip, latent_frames, noise=noise.posterior(f"motion{segment}", posterior_shape))
+
+            audio = segment_audio_chunk(features.windowed, segment)[None]  # (1, 49, 5, layers, hidden)
+            conditions = SegmentConditions(concat.to(device), text.to(device), audio.to(device), face.to(device))
+            model_fn = guidance_model_fn(c.transformer, conditions, reference)
+
+            def on_step(step: int, steps: int, segment: int = segment) -> None:
+                _check(cancel)
+                if progress is not None:
+                    done = (segment + (step + 1) / steps) / count
+                    progress(Progress("denoise", done, segment, count, step, steps))
+
+            latents = sample(
+                model_fn,
+                noise.initial(segment, latent_shape).to(device),
+                config,
+                lambda step, like, segment=segment: noise.step(segment, step, like).to(like.device),
+                on_step=on_step,
+                schedule=schedule,
+            )
+            decoded = c.vae.decode(latents.to(dtype))  # (1, 49, 3, H, W) float32 in [0, 1]
+            # Next motion frames: the last 2 decoded frames, back to [-1, 1] in the model dtype.
+            motion = decoded[:, -MOTION_FRAMES:].permute(0, 2, 1, 3, 4).to(dtype) * 2 - 1
+            # uint8 by truncation, as upstream writes its frames.
+            kept.append((decoded[0, MOTION_FRAMES:] * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+            timings[f"segment_{segment}"] = round(time.perf_counter() - started, 3)
+            logger.info("segment %d/%d done in %.1f s", segment + 1, count, timings[f"segment_{segment}"])
+        return np.concatenate(kept)[: features.audio_length]
+
+    def _to_output_size(self, frames: np.ndarray, height: int, width: int) -> np.ndarray:
+        """Resize frames to the output size when the model canvas is smaller (tiny model only)."""
+        if frames.shape[1:3] == (height, width):
+            return frames
+        tensor = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+        resized = torch.nn.functional.interpolate(tensor, size=(height, width), mode="nearest")
+        return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    @contextlib.contextmanager
+    def _visiting(self, module: nn.Module) -> Iterator[None]:
+        """Run ``module`` on the compute device, then send it back to the offload device."""
+        p = self.placement
+        if not p.offload or p.device == p.offload_device:
+            yield
+            return
+        module.to(p.device)
+        try:
+            yield
+        finally:
+            module.to(p.offload_device)
+            if p.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _check(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise Cancelled("cancel requested")
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - started, 3)
+
+
+@contextlib.contextmanager
+def _work_dir(path: Path | None) -> Iterator[Path]:
+    """The job's folder, or a temporary one removed afterwards."""
+    if path is not None:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="hallo3-") as tmp:
+        yield Path(tmp)
+
+
+__all__ = [
+    "Hallo3Components",
+    "Hallo3Pipeline",
+    "InputLimits",
+    "NoiseSource",
+    "Placement",
+    "SeededNoise",
+    "CLIP_FRAMES",
+    "NEW_FRAMES_PER_SEGMENT",
+    "DecodedAudio",
+]

@@ -1,0 +1,130 @@
+"""The whole pipeline on the embedded tiny model: segments, lengths, seeds, faces, cancel, MP4."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from hallo3_worker.errors import ErrorCode, InputError
+from hallo3_worker.interface import Cancelled, GenerationRequest
+from hallo3_worker.settings import Settings
+from hallo3_worker.tiny import build_tiny_pipeline
+from hallo3_worker.worker.service import Worker
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return build_tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def speech_2_5s(tmp_path_factory) -> Path:
+    """Exactly 2.5 s of speech at 16 kHz (the 2.33 s asset followed by its own beginning)."""
+    speech, rate = sf.read(ASSETS / "speech.wav", dtype="float32")
+    target = int(2.5 * rate)
+    clip = np.concatenate([speech, speech])[:target]
+    path = tmp_path_factory.mktemp("audio") / "speech_2_5s.wav"
+    sf.write(path, clip, rate)
+    return path
+
+
+def _request(image: Path, audio: Path, work_dir: Path, **kw) -> GenerationRequest:
+    return GenerationRequest(
+        image_path=image, audio_path=audio, prompt="A person is talking.", seed=kw.pop("seed", 1),
+        steps=kw.pop("steps", 2), work_dir=work_dir, **kw,
+    )
+
+
+class CallCounter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args) -> None:
+        self.calls += 1
+
+
+def test_segments_frames_and_reference_reuse(pipeline, speech_2_5s: Path, tmp_path: Path) -> None:
+    denoiser, reference = CallCounter(), CallCounter()
+    hooks = [
+        pipeline.components.transformer.register_forward_hook(denoiser),
+        pipeline.components.reference_net.register_forward_hook(reference),
+    ]
+    try:
+        request = _request(ASSETS / "face.jpg", speech_2_5s, tmp_path, steps=3)
+        job = pipeline.prepare(request)
+        result = pipeline.generate(job)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    frames = math.ceil(2.5 * 25)  # 63
+    segments = math.ceil(frames / 47)  # 2 (upstream would run 3: it pads 63 frames to 98 first)
+    assert job.num_frames == frames
+    assert result.frames.shape == (frames, 480, 480, 3)  # square input -> 480x480 output
+    assert result.frames.dtype == np.uint8 and result.fps == 25
+    assert denoiser.calls == segments * 3  # one batched CFG forward per step per segment
+    assert reference.calls == 1  # the reference network runs once per job
+    # Vocal separation writes only into the job's folder.
+    assert {p.name for p in tmp_path.iterdir()} == {"separator_input.wav", "vocals.wav"}
+
+
+def test_same_seed_same_frames_other_seed_differs(pipeline, tmp_path: Path) -> None:
+    def frames(seed: int) -> np.ndarray:
+        request = _request(ASSETS / "face.jpg", ASSETS / "speech.wav", tmp_path, seed=seed, separate_vocals=False)
+        return pipeline.generate(pipeline.prepare(request)).frames
+
+    first = frames(5)
+    assert np.array_equal(first, frames(5))
+    assert not np.array_equal(first, frames(6))
+
+
+def test_image_without_a_face_is_rejected_before_generation(pipeline, tmp_path: Path) -> None:
+    gradient = np.tile(np.linspace(0, 255, 512, dtype=np.uint8)[None, :, None], (512, 1, 3))
+    image = tmp_path / "no_face.png"
+    Image.fromarray(gradient).save(image)
+    with pytest.raises(InputError) as err:
+        pipeline.prepare(_request(image, ASSETS / "speech.wav", tmp_path))
+    assert err.value.code is ErrorCode.NO_FACE
+
+
+def test_cancel_stops_generation(pipeline, tmp_path: Path) -> None:
+    job = pipeline.prepare(_request(ASSETS / "face.jpg", ASSETS / "speech.wav", tmp_path, separate_vocals=False))
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        pipeline.generate(job, cancel=cancel)
+
+
+def test_worker_job_on_the_tiny_model_gives_a_muxed_mp4(pipeline, speech_2_5s: Path, tmp_path: Path) -> None:
+    worker = Worker(Settings(work_dir=tmp_path / "work"), pipeline)
+    job = {
+        "id": "tiny-e2e",
+        "input": {
+            "image": base64.b64encode((ASSETS / "face.jpg").read_bytes()).decode(),
+            "audio": base64.b64encode(speech_2_5s.read_bytes()).decode(),
+            "seed": 3,
+            "steps": 2,
+        },
+    }
+    result = worker.run(job)
+    assert "error" not in result, result
+    assert (result["frames"], result["width"], result["height"], result["fps"]) == (63, 480, 480, 25)
+    with av.open(io.BytesIO(base64.b64decode(result["video"]))) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        assert video.codec_context.name == "h264" and audio.codec_context.name == "aac"
+        decoded = sum(1 for _ in container.decode(video=0))
+        audio_s = float(audio.duration * audio.time_base)
+    assert decoded == 63
+    assert abs(audio_s - 2.5) <= 1 / 25
+    assert list((tmp_path / "work").iterdir()) == []  # the job folder is gone
