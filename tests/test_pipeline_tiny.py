@@ -39,6 +39,15 @@ def speech_2_5s(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def speech_1s(tmp_path_factory) -> Path:
+    """The first second of the speech asset: one segment."""
+    speech, rate = sf.read(ASSETS / "speech.wav", dtype="float32")
+    path = tmp_path_factory.mktemp("audio") / "speech_1s.wav"
+    sf.write(path, speech[:rate], rate)
+    return path
+
+
 def _request(image: Path, audio: Path, work_dir: Path, **kw) -> GenerationRequest:
     return GenerationRequest(
         image_path=image, audio_path=audio, prompt="A person is talking.", seed=kw.pop("seed", 1),
@@ -79,9 +88,9 @@ def test_segments_frames_and_reference_reuse(pipeline, speech_2_5s: Path, tmp_pa
     assert {p.name for p in tmp_path.iterdir()} == {"separator_input.wav", "vocals.wav"}
 
 
-def test_same_seed_same_frames_other_seed_differs(pipeline, tmp_path: Path) -> None:
+def test_same_seed_same_frames_other_seed_differs(pipeline, speech_1s: Path, tmp_path: Path) -> None:
     def frames(seed: int) -> np.ndarray:
-        request = _request(ASSETS / "face.jpg", ASSETS / "speech.wav", tmp_path, seed=seed, separate_vocals=False)
+        request = _request(ASSETS / "face.jpg", speech_1s, tmp_path, seed=seed, separate_vocals=False)
         return pipeline.generate(pipeline.prepare(request)).frames
 
     first = frames(5)
@@ -128,3 +137,34 @@ def test_worker_job_on_the_tiny_model_gives_a_muxed_mp4(pipeline, speech_2_5s: P
     assert decoded == 63
     assert abs(audio_s - 2.5) <= 1 / 25
     assert list((tmp_path / "work").iterdir()) == []  # the job folder is gone
+
+
+def test_offloaded_networks_visit_the_compute_device_only_while_they_run() -> None:
+    import torch
+    from torch import nn
+
+    from hallo3_worker.pipeline import Hallo3Pipeline, Placement
+
+    moves: list[str] = []
+
+    class Spy(nn.Module):
+        def to(self, device):  # records instead of moving
+            moves.append(str(torch.device(device)))
+            return self
+
+    gpu = Placement(device=torch.device("cuda"), offload_device=torch.device("cpu"))
+    pipeline = Hallo3Pipeline(components=None, placement=gpu)  # only the placement is used here
+    with pipeline._visiting(Spy()):
+        assert moves == ["cuda"]
+    assert moves == ["cuda", "cpu"]
+
+    moves.clear()
+    with pytest.raises(RuntimeError), pipeline._visiting(Spy()):
+        raise RuntimeError("failure inside")
+    assert moves == ["cuda", "cpu"]  # sent back even when the network fails
+
+    moves.clear()
+    resident = Hallo3Pipeline(components=None, placement=Placement(device=torch.device("cuda"), offload=False))
+    with resident._visiting(Spy()):
+        pass
+    assert moves == []
