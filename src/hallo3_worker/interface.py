@@ -90,6 +90,12 @@ class Cancelled(Exception):
     """Raised by :meth:`TalkingHeadPipeline.generate` when the cancel event was set."""
 
 
+def raise_if_cancelled(cancel: threading.Event | None) -> None:
+    """The cooperative cancel point used between stages, segments and steps."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancel requested")
+
+
 ProgressCallback = Callable[[Progress], None]
 
 

@@ -67,18 +67,19 @@ from hallo3_worker.conditioning.text import T5TextEncoder
 from hallo3_worker.denoiser import SegmentConditions, guidance_model_fn
 from hallo3_worker.errors import ErrorCode, InputError
 from hallo3_worker.interface import (
-    Cancelled,
     Framing,
     GenerationRequest,
     GenerationResult,
     PreparedJob,
     Progress,
     ProgressCallback,
+    raise_if_cancelled,
 )
 from hallo3_worker.models.reference_net import ReferenceNet
 from hallo3_worker.models.transformer import Hallo3Transformer
 from hallo3_worker.models.vae import Hallo3VAE
 from hallo3_worker.sampling import SamplerConfig, Schedule, sample
+from hallo3_worker.timing import timed
 
 logger = logging.getLogger(__name__)
 
@@ -258,17 +259,17 @@ class Hallo3Pipeline:
         cancel = cancel or threading.Event()
         timings: dict[str, float] = {}
         with self._lock, torch.inference_mode(), _work_dir(request.work_dir) as work_dir:
-            with _timed(timings, "audio"):
+            with timed(timings, "audio"):
                 separator = self.components.separator if request.separate_vocals else None
                 speech = speech_to_16k(job.data["audio"], job_dir=work_dir, separator=separator)
                 features = self.components.audio_encoder.encode(speech)
-            _check(cancel)
-            with _timed(timings, "text"):
+            raise_if_cancelled(cancel)
+            with timed(timings, "text"):
                 text = self._encode_text(request.prompt)
-            with _timed(timings, "reference"):
+            with timed(timings, "reference"):
                 processed: ProcessedImage = job.data["image"]
                 reference = self._reference_tokens(processed, noise)
-            _check(cancel)
+            raise_if_cancelled(cancel)
 
             face = torch.from_numpy(job.data["face"].embedding).reshape(1, -1).float()
             frames = self._segments(request, features, text, face, processed, reference, noise, progress, cancel, timings)
@@ -322,7 +323,7 @@ class Hallo3Pipeline:
         motion = torch.cat([image] * MOTION_FRAMES, dim=2)  # (1, 3, 2, H, W): segment 0 re-uses the image
         kept: list[np.ndarray] = []
         for segment in range(count):
-            _check(cancel)
+            raise_if_cancelled(cancel)
             started = time.perf_counter()
             mask = noise.motion_mask(segment, *self.canvas).to(device) > MOTION_MASK_RATE  # (H, W)
             clip = torch.cat([image.to(device), motion.to(device) * mask.to(dtype)], dim=2)  # (1, 3, 3, H, W)
@@ -334,7 +335,7 @@ class Hallo3Pipeline:
             model_fn = guidance_model_fn(c.transformer, conditions, reference)
 
             def on_step(step: int, steps: int, segment: int = segment) -> None:
-                _check(cancel)
+                raise_if_cancelled(cancel)
                 if progress is not None:
                     done = (segment + (step + 1) / steps) / count
                     progress(Progress("denoise", done, segment, count, step, steps))
@@ -378,20 +379,6 @@ class Hallo3Pipeline:
             module.to(p.offload_device)
             if p.device.type == "cuda":
                 torch.cuda.empty_cache()
-
-
-def _check(cancel: threading.Event) -> None:
-    if cancel.is_set():
-        raise Cancelled("cancel requested")
-
-
-@contextlib.contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = round(time.perf_counter() - started, 3)
 
 
 @contextlib.contextmanager

@@ -28,8 +28,16 @@ from typing import Any
 import numpy as np
 
 from hallo3_worker.errors import ErrorCode, InputError
-from hallo3_worker.interface import Cancelled, GenerationRequest, GenerationResult, Progress, TalkingHeadPipeline
+from hallo3_worker.interface import (
+    Cancelled,
+    GenerationRequest,
+    GenerationResult,
+    Progress,
+    TalkingHeadPipeline,
+    raise_if_cancelled,
+)
 from hallo3_worker.settings import Settings, load_settings
+from hallo3_worker.timing import timed
 from hallo3_worker.worker import media
 from hallo3_worker.worker.delivery import DeliveryError, deliver, safe_key_part
 from hallo3_worker.worker.inputs import FetchedMedia, SourceKind, describe, fetch_media
@@ -118,16 +126,16 @@ class Worker:
         )
 
         report.stage("fetch")
-        with _timed(timings, "fetch"):
+        with timed(timings, "fetch"):
             image = fetch_media(spec.image, "image", job_dir / "image.bin", self.settings.max_image_bytes,
                                 volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s)
             audio = fetch_media(spec.audio, "audio", job_dir / "audio.bin", self.settings.max_audio_bytes,
                                 volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s)
-        _check_cancel(cancel)
+        raise_if_cancelled(cancel)
 
-        with _timed(timings, "validate"):
+        with timed(timings, "validate"):
             image_path, audio_path = self._check_media(spec, image, audio, warnings)
-        _check_cancel(cancel)
+        raise_if_cancelled(cancel)
 
         request = GenerationRequest(
             image_path=image_path,
@@ -143,22 +151,22 @@ class Worker:
         )
         with self._pipeline_lock:
             report.stage("prepare")
-            with _timed(timings, "prepare"):
+            with timed(timings, "prepare"):
                 prepared = self.pipeline.prepare(request)
-            _check_cancel(cancel)
-            with _timed(timings, "generate"):
+            raise_if_cancelled(cancel)
+            with timed(timings, "generate"):
                 result = self.pipeline.generate(prepared, progress=report.pipeline, cancel=cancel)
         frames = _checked_frames(result)
-        _check_cancel(cancel)
+        raise_if_cancelled(cancel)
 
         report.stage("encode")
-        with _timed(timings, "encode"):
+        with timed(timings, "encode"):
             video = media.encode_mp4(frames, result.fps, audio_path, job_dir / "output.mp4",
                                      crf=self.settings.video_crf, preset=self.settings.video_preset)
-        _check_cancel(cancel)
+        raise_if_cancelled(cancel)
 
         report.stage("deliver")
-        with _timed(timings, "deliver"):
+        with timed(timings, "deliver"):
             delivered = deliver(video.path, spec, self.settings)
         for name, seconds in result.timings.items():
             timings[f"generate_{name}"] = round(float(seconds), 3)
@@ -228,20 +236,6 @@ def _job_dir(base: Path, ref: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
         if path.exists():
             logger.error("Could not remove the job folder %s", path)
-
-
-@contextlib.contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = round(time.perf_counter() - started, 3)
-
-
-def _check_cancel(cancel: threading.Event) -> None:
-    if cancel.is_set():
-        raise Cancelled("cancel requested")
 
 
 def _with_extension(fetched: FetchedMedia, extension: str) -> Path:
