@@ -43,11 +43,18 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    """Load the model before taking the first job, then start the Runpod worker loop."""
+    """Check fitness (on the platform), load the model before the first job, start the Runpod loop."""
     import runpod
 
-    worker = get_worker()
-    configure_sdk_logging(worker.settings)
+    from hallo3_worker.settings import load_settings
+    from hallo3_worker.worker.runtime import check_fitness_before_loading, configure_logging
+
+    global _worker
+    settings = load_settings()
+    configure_logging(settings)
+    check_fitness_before_loading(settings)  # exits with the reason when the worker cannot serve
+    _worker = create_worker(settings)
+    configure_sdk_logging(settings)
     runpod.serverless.start({"handler": handler})
 
 

@@ -10,7 +10,11 @@
 * ``cogvideox-5b-i2v-sat/vae/3d-vae.pt``: ``{"state_dict": ...}`` with the tiny SAT-format VAE of
   ``tests/goldens/vae`` plus a ``loss.*`` key that must be dropped.
 
-The networks it was made from are returned, so tests can compare against them directly.
+:func:`make_tiny_pipeline_weights` writes a complete folder for the pipeline factory instead: the
+embedded tiny model's 13-latent-frame networks as ``converted/`` safetensors, with the tiny T5,
+wav2vec2 and vocal-separator stand-ins at their real paths.
+
+The networks they were made from are returned, so tests can compare against them directly.
 Import it by path (see :func:`load_by_path`); the tests folder is not a package.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
 import types
 from pathlib import Path
@@ -185,3 +190,81 @@ def vae_decode(vae: object, seed: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, 3, 16, 4, 6, generator=g)
     return vae.decode(latents)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------------
+# A complete tiny weights folder for the pipeline factory (converted layout)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TinyPipelineWeights:
+    """A weights folder in the real layout holding the embedded tiny model's networks.
+
+    ``transformer``, ``reference_net`` and ``vae`` (diffusers ``AutoencoderKLCogVideoX``) are the
+    float32 networks whose tensors were written to ``converted/``.
+    """
+
+    root: Path
+    transformer: Hallo3Transformer
+    reference_net: ReferenceNet
+    vae: torch.nn.Module
+    vae_config: object
+    manifest: dict[str, object]
+
+
+def make_tiny_pipeline_weights(root: Path, *, seed: int = 0, face_stand_ins: bool = False) -> TinyPipelineWeights:
+    """Write the 13-latent-frame tiny model of ``hallo3_worker.tiny`` as a real weights folder.
+
+    * ``converted/{transformer,reference_net,vae}.safetensors`` + ``hallo3-converted.json``, written
+      with ``builder/convert_weights.py``'s own writer and manifest entries (float32, as made);
+    * ``t5-v1_1-xxl/`` and ``wav2vec/wav2vec2-base-960h/``: the tiny T5 and wav2vec2 of
+      ``conditioning.tiny_assets``; ``audio_separator/``: the stand-in MDX model and its metadata;
+    * with ``face_stand_ins``, placeholder bytes for the face-analysis files (enough for the size
+      checks, not loadable).
+    """
+    from hallo3_worker import weights as hw
+    from hallo3_worker.conditioning.tiny_assets import build_fake_vocal_separator, build_tiny_t5, build_tiny_wav2vec2
+    from hallo3_worker.models.vae import TINY_VAE, build_vae
+    from hallo3_worker.tiny import tiny_reference_net_config, tiny_transformer_config
+
+    convert = builder_module("convert_weights")
+    main = materialize_random(build_on_meta(lambda: Hallo3Transformer(tiny_transformer_config())), "cpu", seed)
+    ref = materialize_random(build_on_meta(lambda: ReferenceNet(tiny_reference_net_config())), "cpu", seed + 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # diffusers initialises the VAE from the global generator
+        vae = build_vae(TINY_VAE, dtype=torch.float32, device="cpu")
+
+    out = root / hw.CONVERTED_DIRNAME
+    components: dict[str, object] = {}
+    for name, model, config in (
+        (hw.TRANSFORMER, main, main.config),
+        (hw.REFERENCE_NET, ref, ref.config),
+        (hw.VAE, vae, TINY_VAE),
+    ):
+        state = model.state_dict()
+        written = convert.write_safetensors_streaming(
+            out / hw.COMPONENT_FILES[name], state, metadata={"format": "pt", "component": name}
+        )
+        dtypes: dict[str, int] = {}
+        for tensor in state.values():
+            dtypes[hw.dtype_name(tensor.dtype)] = dtypes.get(hw.dtype_name(tensor.dtype), 0) + 1
+        components[name] = convert._component_entry(name, config, written, dtypes)
+    manifest = json.loads(json.dumps({
+        "format": hw.CONVERTED_FORMAT,
+        "format_version": hw.FORMAT_VERSION,
+        "sources": {},
+        "components": components,
+    }))
+    hw.write_json_atomic(out / hw.CONVERTED_MANIFEST, manifest)
+
+    build_tiny_t5(root / hw.T5_DIR, seed=seed)
+    build_tiny_wav2vec2(root / hw.WAV2VEC_DIR, seed=seed)
+    build_fake_vocal_separator(root / hw.AUDIO_SEPARATOR_DIR)
+    if face_stand_ins:
+        for rel in hw.AUX_REQUIRED_FILES:
+            if rel.startswith(hw.FACE_ANALYSIS_DIR + "/"):
+                path = root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(f"stand-in for {rel}\n".encode())
+    return TinyPipelineWeights(root, main, ref, vae, TINY_VAE, manifest)

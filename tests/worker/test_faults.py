@@ -164,11 +164,18 @@ def test_handler_module_exposes_the_async_handler(monkeypatch: pytest.MonkeyPatc
     assert result["seed"] == 77 and result["video_type"] == "base64"
 
 
-def test_weights_without_a_real_pipeline_refuse_to_start(tmp_path: Path) -> None:
+def test_unusable_weights_refuse_to_start(tmp_path: Path) -> None:
+    """Configured weights that are missing or empty stop the start-up with the folder named; unset is tiny."""
+    from hallo3_worker.weights import WeightsError
     from hallo3_worker.worker.runtime import load_pipeline
 
-    with pytest.raises(RuntimeError, match="HALLO3_WEIGHTS_DIR"):
-        load_pipeline(Settings(work_dir=tmp_path, weights_dir=tmp_path))
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    with pytest.raises(WeightsError, match="holds no Hallo3 weights") as caught:
+        load_pipeline(Settings(work_dir=tmp_path, weights_dir=empty, device="cpu"))
+    assert caught.value.path == empty and str(empty) in str(caught.value)
+    with pytest.raises(WeightsError, match="the configured weights folder does not exist"):
+        load_pipeline(Settings(work_dir=tmp_path, weights_dir=tmp_path / "absent", device="cpu"))
     assert load_pipeline(Settings(work_dir=tmp_path)).is_tiny
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hallo3_worker.interface import TalkingHeadPipeline
@@ -79,9 +80,11 @@ def load_pipeline(settings: Settings) -> TalkingHeadPipeline:
     """Build the pipeline once, at start-up.
 
     Without ``settings.weights_dir`` the worker serves the embedded tiny random-weight model (the
-    real pipeline code with tiny networks). With weights configured, the real Hallo3 pipeline is
-    required: a worker that was told to serve real weights refuses to start rather than quietly
-    serve something else.
+    real pipeline code with tiny networks). With weights configured (a folder, or ``auto`` to
+    search the cached-models folder, the network volume and the image, see
+    :func:`hallo3_worker.weights.locate_weights`), the real Hallo3 pipeline is loaded from them;
+    missing, incomplete or corrupt weights raise :class:`~hallo3_worker.weights.WeightsError`
+    naming the file, so the worker stops at start-up instead of serving something else.
     """
     from hallo3_worker.pipeline import InputLimits, Placement
 
@@ -99,7 +102,62 @@ def load_pipeline(settings: Settings) -> TalkingHeadPipeline:
 
         logger.warning(TINY_MODEL_WARNING)
         return build_tiny_pipeline(None, placement, limits=limits)
-    raise RuntimeError(
-        f"HALLO3_WEIGHTS_DIR is set to {settings.weights_dir}, but loading the real Hallo3 weights is not "
-        "wired into this build yet; unset HALLO3_WEIGHTS_DIR to run the tiny model."
+    from hallo3_worker.pipeline_factory import build_pipeline_from_weights
+    from hallo3_worker.weights import locate_weights
+
+    location = locate_weights(settings.weights_dir)
+    return build_pipeline_from_weights(location, placement, limits=limits)
+
+
+# ------------------------------------------------------------------------------------------ fitness
+
+#: Name of the GPU-memory check of :func:`hallo3_worker.fitness.fitness_checks`.
+_GPU_MEMORY_CHECK = "hallo3_gpu_memory"
+
+
+def startup_fitness_checks(settings: Settings, device: torch.device | None = None) -> list[Callable[[], str]]:
+    """The fitness checks to run before the model loads: none unless on the platform with real weights.
+
+    On Runpod (``settings.on_platform``) with ``settings.weights_dir`` set: the weights are complete
+    (sizes), the video encoders work, and the CUDA GPU has the memory the model needs. The GPU
+    check runs when the pipeline's device is a CUDA GPU, and also when ``HALLO3_DEVICE`` is
+    ``auto`` but no accelerator was found (then it fails: real weights on the platform are not
+    served from the CPU unless ``HALLO3_DEVICE=cpu`` asks for it). ``device`` defaults to the one
+    :func:`resolve_device` picks.
+    """
+    if not settings.on_platform or settings.weights_dir is None:
+        return []
+    from hallo3_worker.fitness import FitnessConfig, fitness_checks
+
+    device = device if device is not None else resolve_device(settings)
+    wants_gpu = device.type == "cuda" or (settings.device == "auto" and device.type == "cpu")
+    config = FitnessConfig(
+        weights_dir=settings.weights_dir,
+        require_cuda=wants_gpu,
+        device_index=device.index if device.index is not None else 0,
     )
+    checks = fitness_checks(config)
+    if not wants_gpu:
+        checks = [check for check in checks if check.__name__ != _GPU_MEMORY_CHECK]
+    return checks
+
+
+def check_fitness_before_loading(settings: Settings) -> list[str]:
+    """Run :func:`startup_fitness_checks`; a failure logs why and exits the process.
+
+    Returns the checks' messages (empty when none apply). Raises ``SystemExit`` with the reason
+    when a check fails, before the model is loaded. The checks are run here rather than registered
+    with ``runpod.serverless.register_fitness_check``: the SDK runs registered checks inside
+    ``start()``, after the model load, where a free-GPU-memory check would count the memory the
+    model already holds.
+    """
+    from hallo3_worker.fitness import FitnessError, run_fitness_checks
+
+    checks = startup_fitness_checks(settings)
+    if not checks:
+        return []
+    try:
+        return run_fitness_checks(checks)
+    except FitnessError as exc:
+        logger.error("fitness check failed, the worker will not start: %s", exc)
+        raise SystemExit(f"Hallo3 worker is not fit to serve jobs: {exc}") from exc
