@@ -38,8 +38,8 @@ class ErrorCode(str, enum.Enum):
     BUCKET_NOT_CONFIGURED = "BUCKET_NOT_CONFIGURED"
 
 
-class InputError(ValueError):
-    """A problem with what the user sent; safe to show to the user verbatim."""
+class UserFacingError(Exception):
+    """An error whose message is safe to show to the user verbatim, with a stable code."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
@@ -48,3 +48,7 @@ class InputError(ValueError):
 
     def to_response(self) -> dict[str, str]:
         return {"error": self.message, "error_code": self.code.value}
+
+
+class InputError(UserFacingError, ValueError):
+    """A problem with what the user sent."""

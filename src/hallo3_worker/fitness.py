@@ -237,6 +237,17 @@ class FitnessConfig:
     encoder_backends: tuple[str, ...] = ("pyav", "ffmpeg")
 
 
+def _search_places(config: FitnessConfig) -> dict[str, object]:
+    """Where to look for the weights, as keyword arguments of ``locate_weights``/``check_weights``."""
+    return {
+        "hf_cache_dir": config.hf_cache_dir,
+        "repo_id": config.repo_id,
+        "revision": config.revision,
+        "volume_dir": config.volume_dir,
+        "image_dir": config.image_dir,
+    }
+
+
 def fitness_checks(config: FitnessConfig = FitnessConfig()) -> list[Callable[[], str]]:
     """Argument-free check functions, named for the logs, in the order they should run."""
     checks: list[Callable[[], str]] = []
@@ -244,15 +255,7 @@ def fitness_checks(config: FitnessConfig = FitnessConfig()) -> list[Callable[[],
     if config.check_weights:
 
         def hallo3_weights_present() -> str:
-            return check_weights(
-                config.weights_dir,
-                hf_cache_dir=config.hf_cache_dir,
-                repo_id=config.repo_id,
-                revision=config.revision,
-                volume_dir=config.volume_dir,
-                image_dir=config.image_dir,
-                check_hashes=config.verify_hashes,
-            )
+            return check_weights(config.weights_dir, **_search_places(config), check_hashes=config.verify_hashes)
 
         checks.append(hallo3_weights_present)
 
@@ -260,14 +263,7 @@ def fitness_checks(config: FitnessConfig = FitnessConfig()) -> list[Callable[[],
         location = None
         if config.check_weights:
             try:
-                location = hw.locate_weights(
-                    config.weights_dir,
-                    hf_cache_dir=config.hf_cache_dir,
-                    repo_id=config.repo_id,
-                    revision=config.revision,
-                    volume_dir=config.volume_dir,
-                    image_dir=config.image_dir,
-                )
+                location = hw.locate_weights(config.weights_dir, **_search_places(config))
             except hw.WeightsError:
                 location = None
         required = estimate_gpu_bytes(config.gpu_components, location=location, headroom_bytes=config.headroom_bytes)

@@ -21,7 +21,7 @@ import logging
 import re
 from pathlib import Path
 
-from hallo3_worker.errors import ErrorCode
+from hallo3_worker.errors import ErrorCode, UserFacingError
 from hallo3_worker.settings import Settings
 from hallo3_worker.worker.inputs import redact_url
 from hallo3_worker.worker.schema import JobSpec, OutputMode
@@ -32,16 +32,8 @@ CONTENT_TYPE = "video/mp4"
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
-class DeliveryError(Exception):
-    """The video exists but could not be handed back; carries a stable code."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def to_response(self) -> dict[str, str]:
-        return {"error": self.message, "error_code": self.code.value}
+class DeliveryError(UserFacingError):
+    """The video exists but could not be handed back."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from hallo3_worker.errors import ErrorCode, InputError
+from hallo3_worker.errors import ErrorCode, InputError, UserFacingError
 from hallo3_worker.interface import (
     Cancelled,
     GenerationRequest,
@@ -39,7 +39,7 @@ from hallo3_worker.interface import (
 from hallo3_worker.settings import Settings, load_settings
 from hallo3_worker.timing import timed
 from hallo3_worker.worker import media
-from hallo3_worker.worker.delivery import DeliveryError, deliver, safe_key_part
+from hallo3_worker.worker.delivery import deliver, safe_key_part
 from hallo3_worker.worker.inputs import FetchedMedia, SourceKind, describe, fetch_media
 from hallo3_worker.worker.runtime import TINY_MODEL_WARNING, configure_logging, load_pipeline
 from hallo3_worker.worker.schema import JobSpec, parse_job
@@ -105,7 +105,7 @@ class Worker:
                 output = self._run(job, cancel, job_dir, started)
             logger.info("Job %s: done in %.1f s", ref, time.perf_counter() - started)
             return output
-        except (InputError, DeliveryError) as err:
+        except UserFacingError as err:  # InputError and DeliveryError
             logger.info("Job %s: rejected with %s: %s", ref, err.code.value, err.message)
             return err.to_response()
         except Cancelled:
