@@ -55,7 +55,7 @@ def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
 
 
 @torch.inference_mode()
-def run(device: torch.device, dtype: torch.dtype, warmup: int, iters: int) -> dict:
+def run(device: torch.device, dtype: torch.dtype, warmup: int, iters: int, profile: Path | None = None) -> dict:
     full = device.type == "cuda"
     main_cfg = presets.full_transformer() if full else presets.golden_tiny_transformer()
     ref_cfg = presets.full_reference_net() if full else presets.golden_tiny_reference_net()
@@ -103,12 +103,28 @@ def run(device: torch.device, dtype: torch.dtype, warmup: int, iters: int) -> di
             "parameters_main": sum(p.numel() for p in model.parameters()),
         }
     )
+    if profile is not None:
+        _profile(lambda: model(x, t, text, audio_tokens, face_tokens, reference), device, profile)
     if full:
         flop = 2 * UPSTREAM_FLOP_PER_SAMPLE_FORWARD
         result["flop_per_forward_upstream_count"] = flop
         result["achieved_tflops"] = flop / seconds / 1e12
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
+
+
+def _profile(fn, device: torch.device, path: Path) -> None:
+    """Write torch.profiler's table of the most expensive operators of one call of fn to path."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
+    logger.info("profile of one forward written to %s", path)
 
 
 def main() -> None:
@@ -118,6 +134,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--output", type=Path, help="also write the JSON here")
+    parser.add_argument("--profile", type=Path, help="write a profiler table of one forward here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -126,7 +143,7 @@ def main() -> None:
     if device.type == "cpu":
         logger.warning("no CUDA device: benchmarking the tiny model on the CPU (not representative)")
         dtype = torch.float32
-    result = run(device, dtype, args.warmup, args.iters)
+    result = run(device, dtype, args.warmup, args.iters, args.profile)
     text = json.dumps(result, indent=2)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -162,7 +162,9 @@ def test_load_pipeline_serves_the_weights_folder(complete_copy: Path, tmp_path: 
     pipeline = runtime.load_pipeline(_settings(tmp_path, complete_copy, max_duration_s=12.0))
     assert isinstance(pipeline, Hallo3Pipeline) and not pipeline.is_tiny
     assert seen["location"].root == complete_copy and seen["location"].source == "explicit"
-    assert seen["placement"] == PLACEMENT and seen["limits"].max_duration_s == 12.0
+    # HALLO3_OFFLOAD=auto on the CPU: nothing to offload to
+    assert seen["placement"] == dataclasses.replace(PLACEMENT, offload=False)
+    assert seen["limits"].max_duration_s == 12.0
 
 
 @pytest.mark.parametrize(
@@ -235,6 +237,41 @@ def test_fitness_checks_only_on_the_platform_with_weights(tmp_path: Path, comple
     if not torch.cuda.is_available():
         with pytest.raises(fitness.FitnessError, match="no usable CUDA device"):
             checks[1]()
+
+
+def test_offload_policy(tmp_path: Path) -> None:
+    cuda = torch.device("cuda", 0)
+    resident_need = fitness.estimate_gpu_bytes(offload=False)
+
+    def card(free: int):
+        return lambda index: (free, 80 * fitness.GIB, "Test GPU")
+
+    auto = _settings(tmp_path, None, offload="auto")
+    assert runtime.resolve_offload(auto, cuda, memory_info=card(resident_need)) is False  # room for everything
+    assert runtime.resolve_offload(auto, cuda, memory_info=card(resident_need - 1)) is True
+    assert runtime.resolve_offload(auto, cuda, memory_info=lambda index: None) is True
+    assert runtime.resolve_offload(auto, CPU) is False  # nothing to offload to
+    never_asked = card(0)
+    assert runtime.resolve_offload(_settings(tmp_path, None, offload="off"), cuda, memory_info=never_asked) is False
+    assert runtime.resolve_offload(_settings(tmp_path, None, offload="on"), CPU) is True
+
+
+def test_gpu_fitness_follows_the_offload_policy(tmp_path: Path, complete_copy: Path, monkeypatch) -> None:
+    asked: list[int] = []
+
+    def check(required_bytes: int, **kw) -> str:
+        asked.append(required_bytes)
+        return "ok"
+
+    monkeypatch.setattr(fitness, "check_gpu_memory", check)
+    cuda = torch.device("cuda", 0)
+    for policy in ("auto", "on", "off"):
+        settings = _settings(tmp_path, complete_copy, on_platform=True, offload=policy)
+        checks = {c.__name__: c for c in runtime.startup_fitness_checks(settings, cuda)}
+        checks["hallo3_gpu_memory"]()
+    location = hw.locate_weights(complete_copy)
+    offload, resident = (fitness.estimate_gpu_bytes(o, location=location) for o in (True, False))
+    assert asked == [offload, offload, resident]  # auto must at least fit with offloading
 
 
 def test_failed_fitness_exits_with_the_reason(tmp_path: Path, complete_copy: Path, caplog) -> None:

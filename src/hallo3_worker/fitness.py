@@ -9,8 +9,8 @@ before the job loop, on the platform only, and stops the worker on the first fai
 Checks:
 
 * :func:`check_weights`: the weights folder is found and complete (sizes; hashes optional);
-* :func:`check_gpu_memory`: when CUDA is present, the GPU has enough free memory for what the
-  worker keeps on it (:func:`estimate_gpu_bytes`);
+* :func:`check_gpu_memory`: when CUDA is present, the GPU has enough free memory for a job's peak
+  under the offload policy (:func:`estimate_gpu_bytes`);
 * :func:`check_video_encoders`: PyAV (or an ``ffmpeg`` binary) can encode H.264 (libx264) and AAC.
 """
 
@@ -29,22 +29,38 @@ logger = logging.getLogger(__name__)
 
 GIB = 1024**3
 
-#: Resident bytes of each component at inference (bf16 networks; spec section 8.4). Used when the
+#: Bytes of each component's weights at inference (bf16 networks; spec section 8.4). Used when the
 #: weights folder does not record sizes (the converted files' sizes replace the first three).
 DEFAULT_COMPONENT_BYTES: dict[str, int] = {
     hw.TRANSFORMER: 17_842_507_904,  # 8.921 B parameters x 2 bytes
     hw.REFERENCE_NET: 11_250_568_320,  # 5.625 B x 2
     hw.VAE: 431_167_814,  # 215.6 M x 2
-    "text_encoder": 9_520_000_000,  # T5-v1.1-XXL encoder, bf16
-    "audio_encoder": 378_000_000,  # wav2vec2-base-960h, fp32
-    "onnx": 500_000_000,  # insightface models + vocal separator under ONNX Runtime CUDA
+    "text_encoder": 9_524_621_312,  # T5-v1.1-XXL encoder, bf16
+    "audio_encoder": 377_486_848,  # wav2vec2-base-960h, fp32
+    "onnx": 500_000_000,  # insightface models + vocal separator under ONNX Runtime CUDA (estimate)
 }
-#: Components a worker keeps on the GPU unless told otherwise (T5 runs once per job and may live
-#: elsewhere; add ``text_encoder`` when it stays resident).
-DEFAULT_GPU_COMPONENTS: tuple[str, ...] = (hw.TRANSFORMER, hw.REFERENCE_NET, hw.VAE, "audio_encoder", "onnx")
-#: Activations, reference bank, VAE decode and allocator slack on top of the weights (estimate:
-#: spec section 8.4 puts the peak at 48-55 GB with every component resident).
-DEFAULT_ACTIVATION_HEADROOM_BYTES = 14 * GIB
+#: Components that stay on the GPU whatever the offload policy.
+ALWAYS_RESIDENT: tuple[str, ...] = (hw.TRANSFORMER, hw.VAE, "audio_encoder", "onnx")
+#: Components that run once per job; with offloading they wait in CPU memory and visit the GPU.
+VISITING: tuple[str, ...] = (hw.REFERENCE_NET, "text_encoder")
+
+#: Peak bytes of the tensors each stage holds besides its weights and inputs, for a full-size job at
+#: 480x720 in bf16 and 60 s of audio: ``scripts/estimate_memory.py`` (hallo3_worker.memory,
+#: tensor sizes under FakeTensorMode). tests/test_memory.py recomputes them from the code.
+STAGE_ACTIVATION_BYTES: dict[str, int] = {
+    "audio": 786_427_904,
+    "text": 50_337_892,
+    "reference": 1_839_974_400,
+    "denoise": 3_290_333_184,
+    "vae_encode": 2_569_881_600,
+    "vae_decode": 15_824_160_000,
+}
+#: The reference network's tokens, kept for the whole job: 42 blocks x (1, 1350, 3072) bf16 from the
+#: reference stage plus the batch-2 copy the guided forward uses (hallo3_worker.denoiser).
+REFERENCE_BANK_BYTES = 3 * 42 * 1350 * 3072 * 2
+#: What tensor sizes do not show: CUDA context, cuBLAS/cuDNN/attention workspaces and the caching
+#: allocator's rounding and fragmentation (an allowance, not a measurement).
+CUDA_OVERHEAD_BYTES = 2 * GIB
 REQUIRED_ENCODERS: tuple[str, ...] = ("libx264", "aac")
 
 
@@ -89,18 +105,8 @@ def check_weights(
 # --------------------------------------------------------------------------------------------------
 
 
-def estimate_gpu_bytes(
-    components: Iterable[str] = DEFAULT_GPU_COMPONENTS,
-    *,
-    location: hw.WeightsLocation | None = None,
-    headroom_bytes: int = DEFAULT_ACTIVATION_HEADROOM_BYTES,
-    sizes: Mapping[str, int] | None = None,
-) -> int:
-    """GPU bytes needed to keep ``components`` resident plus activation headroom.
-
-    Sizes come from ``sizes``, else the converted files recorded at ``location`` (their dtype is
-    what gets loaded), else :data:`DEFAULT_COMPONENT_BYTES`. These are estimates, not measurements.
-    """
+def component_bytes(location: hw.WeightsLocation | None = None, sizes: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Weight bytes per component: ``sizes``, else the converted files at ``location``, else the defaults."""
     known = dict(DEFAULT_COMPONENT_BYTES)
     if location is not None:
         try:
@@ -109,15 +115,41 @@ def estimate_gpu_bytes(
             logger.warning("cannot read converted sizes (%s); using defaults", exc)
     if sizes:
         known.update(sizes)
-    total = headroom_bytes
-    for name in components:
-        if name not in known:
-            raise ValueError(f"no size known for component {name!r}; pass it in sizes")
-        total += int(known[name])
-    return total
+    return known
 
 
-def _cuda_memory(device_index: int) -> tuple[int, int, str] | None:
+def estimate_gpu_bytes(
+    offload: bool = True,
+    *,
+    location: hw.WeightsLocation | None = None,
+    sizes: Mapping[str, int] | None = None,
+    activations: Mapping[str, int] | None = None,
+) -> int:
+    """Peak GPU bytes of a job: the resident weights plus the largest stage, plus the CUDA allowance.
+
+    With ``offload`` the reference network and T5 wait in CPU memory and are on the GPU only during
+    their own stage; without it every component stays resident. The stage peaks are
+    :data:`STAGE_ACTIVATION_BYTES` (or ``activations``). These are estimates from tensor sizes,
+    not measurements on a GPU.
+    """
+    weights = component_bytes(location, sizes)
+    stage = dict(STAGE_ACTIVATION_BYTES)
+    if activations:
+        stage.update(activations)
+    resident = sum(weights[name] for name in ALWAYS_RESIDENT)
+    if not offload:
+        resident += sum(weights[name] for name in VISITING)
+    visiting = (lambda name: weights[name]) if offload else (lambda name: 0)
+    peak_stage = max(
+        stage["audio"],
+        stage["text"] + visiting("text_encoder"),
+        stage["reference"] + visiting(hw.REFERENCE_NET),
+        REFERENCE_BANK_BYTES + max(stage["denoise"], stage["vae_encode"], stage["vae_decode"]),
+    )
+    return resident + peak_stage + CUDA_OVERHEAD_BYTES
+
+
+def cuda_memory(device_index: int) -> tuple[int, int, str] | None:
     """(free, total, name) of CUDA device ``device_index``, or None without a usable CUDA device."""
     import torch
 
@@ -132,7 +164,7 @@ def check_gpu_memory(
     *,
     device_index: int = 0,
     require_cuda: bool = False,
-    memory_info: Callable[[int], tuple[int, int, str] | None] = _cuda_memory,
+    memory_info: Callable[[int], tuple[int, int, str] | None] = cuda_memory,
 ) -> str:
     """Fail when the CUDA device has less free memory than ``required_bytes``.
 
@@ -150,8 +182,9 @@ def check_gpu_memory(
     if free < required_bytes:
         raise FitnessError(
             f"GPU {device_index} ({name}) has {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB, but this "
-            f"configuration needs about {required_bytes / GIB:.1f} GiB (weights plus activations). Use an "
-            "80 GB GPU (A100/H100 80GB) or an H200, or keep fewer components on the GPU."
+            f"configuration needs about {required_bytes / GIB:.1f} GiB (weights plus activations). Use a GPU "
+            "with more memory (docs/deploy.md lists what fits), set HALLO3_OFFLOAD=on, and make sure "
+            "nothing else runs on this GPU."
         )
     return f"GPU {device_index} ({name}): {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB, about {required_bytes / GIB:.1f} GiB needed"
 
@@ -229,8 +262,7 @@ class FitnessConfig:
     volume_dir: str | os.PathLike[str] | None = hw.DEFAULT_VOLUME_WEIGHTS_DIR
     image_dir: str | os.PathLike[str] | None = hw.DEFAULT_IMAGE_WEIGHTS_DIR
     verify_hashes: bool = False
-    gpu_components: tuple[str, ...] = DEFAULT_GPU_COMPONENTS
-    headroom_bytes: int = DEFAULT_ACTIVATION_HEADROOM_BYTES
+    offload: bool = True
     device_index: int = 0
     require_cuda: bool = False
     encoders: tuple[str, ...] = REQUIRED_ENCODERS
@@ -266,7 +298,7 @@ def fitness_checks(config: FitnessConfig = FitnessConfig()) -> list[Callable[[],
                 location = hw.locate_weights(config.weights_dir, **_search_places(config))
             except hw.WeightsError:
                 location = None
-        required = estimate_gpu_bytes(config.gpu_components, location=location, headroom_bytes=config.headroom_bytes)
+        required = estimate_gpu_bytes(config.offload, location=location)
         return check_gpu_memory(required, device_index=config.device_index, require_cuda=config.require_cuda)
 
     def hallo3_video_encoders() -> str:
@@ -288,14 +320,19 @@ def run_fitness_checks(checks: Iterable[Callable[[], str]]) -> list[str]:
 
 
 __all__ = [
-    "DEFAULT_ACTIVATION_HEADROOM_BYTES",
+    "ALWAYS_RESIDENT",
+    "CUDA_OVERHEAD_BYTES",
     "DEFAULT_COMPONENT_BYTES",
-    "DEFAULT_GPU_COMPONENTS",
+    "REFERENCE_BANK_BYTES",
+    "STAGE_ACTIVATION_BYTES",
+    "VISITING",
     "FitnessConfig",
     "FitnessError",
     "check_gpu_memory",
     "check_video_encoders",
     "check_weights",
+    "component_bytes",
+    "cuda_memory",
     "estimate_gpu_bytes",
     "ffmpeg_encoders",
     "fitness_checks",

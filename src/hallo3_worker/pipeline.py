@@ -75,6 +75,7 @@ from hallo3_worker.interface import (
     ProgressCallback,
     raise_if_cancelled,
 )
+from hallo3_worker.models.loading import replace_tensors
 from hallo3_worker.models.reference_net import ReferenceNet
 from hallo3_worker.models.transformer import Hallo3Transformer
 from hallo3_worker.models.vae import Hallo3VAE
@@ -367,16 +368,21 @@ class Hallo3Pipeline:
 
     @contextlib.contextmanager
     def _visiting(self, module: nn.Module) -> Iterator[None]:
-        """Run ``module`` on the compute device, then send it back to the offload device."""
+        """Run ``module`` on the compute device; its resting copy stays where it waits.
+
+        The weights are copied to the device for the duration of the block (tied tensors once) and
+        the copies are dropped afterwards, so nothing is copied back and the resting tensors are
+        never reallocated.
+        """
         p = self.placement
         if not p.offload or p.device == p.offload_device:
             yield
             return
-        module.to(p.device)
+        restore = replace_tensors(module, lambda t: t.to(p.device))
         try:
             yield
         finally:
-            module.to(p.offload_device)
+            restore()
             if p.device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -25,6 +25,9 @@ Variables (all optional):
 ``HALLO3_CANCEL_GRACE_S``          How long a cancelled job may take to stop and clean up.
 ``HALLO3_DEVICE``                  Torch device name for the pipeline (``auto`` picks one).
 ``HALLO3_DTYPE``                   Torch dtype name for the pipeline (``auto`` picks one).
+``HALLO3_OFFLOAD``                 ``on``: the reference network and T5 wait in CPU memory between
+                                   jobs; ``off``: everything stays on the GPU; ``auto``: off when
+                                   the GPU has room for it, else on.
 ``HALLO3_LOG_LEVEL``               Log level, also applied to the Runpod SDK's logger (falls back to
                                    ``RUNPOD_LOG_LEVEL``, ``RUNPOD_DEBUG_LEVEL``, then INFO).
 ``BUCKET_ENDPOINT_URL``            S3-compatible endpoint for result upload (Runpod convention).
@@ -50,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+OFFLOAD_POLICIES = ("auto", "on", "off")
 
 
 class SettingsError(ValueError):
@@ -91,6 +95,7 @@ class Settings:
     cancel_grace_s: float = 30.0
     device: str = "auto"
     dtype: str = "auto"
+    offload: str = "auto"
     log_level: str = "INFO"
     bucket: BucketSettings | None = None
     on_platform: bool = False
@@ -108,6 +113,7 @@ class Settings:
         _require(self.download_timeout_s > 0, "HALLO3_DOWNLOAD_TIMEOUT_S must be positive")
         _require(0 <= self.video_crf <= 51, "HALLO3_VIDEO_CRF must be between 0 and 51")
         _require(self.cancel_grace_s >= 0, "HALLO3_CANCEL_GRACE_S must be >= 0")
+        _require(self.offload in OFFLOAD_POLICIES, f"HALLO3_OFFLOAD must be one of {', '.join(OFFLOAD_POLICIES)}")
         _require(self.log_level in _LOG_LEVELS, f"log level must be one of {', '.join(_LOG_LEVELS)}")
         _require(self.work_dir.is_absolute(), "HALLO3_WORK_DIR must be an absolute path")
         _require(self.volume_root.is_absolute(), "HALLO3_VOLUME_ROOT must be an absolute path")
@@ -195,6 +201,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         cancel_grace_s=_float(env, "HALLO3_CANCEL_GRACE_S", defaults.cancel_grace_s),
         device=_str(env, "HALLO3_DEVICE") or defaults.device,
         dtype=_str(env, "HALLO3_DTYPE") or defaults.dtype,
+        offload=(_str(env, "HALLO3_OFFLOAD") or defaults.offload).lower(),
         log_level=log_level,
         bucket=_bucket(env),
         on_platform=_str(env, "RUNPOD_WEBHOOK_POST_OUTPUT") is not None,

@@ -54,3 +54,38 @@ def materialize_random(model: M, device: torch.device | str, seed: int = 0, std:
         for param in module.parameters(recurse=False):
             param.normal_(0.0, std, generator=generator)
     return model.eval().requires_grad_(False)
+
+
+def replace_tensors(module: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    """Put ``convert(t)`` in place of every parameter and buffer ``t`` of ``module``, keeping ties.
+
+    A tensor shared by several submodules (tied embeddings) is converted once and stays shared.
+    Unlike ``module.to(...)``, the original tensors are kept, not released: the returned function
+    puts them back (and drops the converted ones). Parameters come back as the same objects.
+    """
+    converted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(original) -> (original, new)
+    replaced: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []
+
+    def new_for(tensor: torch.Tensor, parameter: bool) -> torch.Tensor:
+        if id(tensor) not in converted:
+            value = convert(tensor.detach())
+            if parameter:
+                value = nn.Parameter(value, requires_grad=False)
+            converted[id(tensor)] = (tensor, value)
+        return converted[id(tensor)][1]
+
+    for sub in module.modules():
+        for table, parameter in ((sub._parameters, True), (sub._buffers, False)):
+            for name, tensor in list(table.items()):
+                if tensor is None:
+                    continue
+                replaced.append((table, name, tensor))
+                table[name] = new_for(tensor, parameter)
+
+    def restore() -> None:
+        for table, name, original in reversed(replaced):
+            table[name] = original
+        replaced.clear()
+        converted.clear()
+
+    return restore

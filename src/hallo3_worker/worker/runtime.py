@@ -76,6 +76,39 @@ def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def resolve_offload(
+    settings: Settings,
+    device: torch.device,
+    *,
+    memory_info: Callable[[int], tuple[int, int, str] | None] | None = None,
+) -> bool:
+    """Whether the reference network and T5 wait in CPU memory between jobs (``HALLO3_OFFLOAD``).
+
+    ``on``/``off`` are taken as given. ``auto`` keeps everything on a CUDA GPU whose free memory
+    covers the estimated peak without offloading (:func:`hallo3_worker.fitness.estimate_gpu_bytes`),
+    and offloads otherwise; on the CPU there is nothing to offload. ``memory_info(index)`` returns
+    (free, total, name) and defaults to the CUDA driver's numbers.
+    """
+    if settings.offload != "auto":
+        return settings.offload == "on"
+    if device.type == "cpu":
+        return False
+    if device.type != "cuda":
+        return True
+    from hallo3_worker import fitness
+
+    info = (memory_info or fitness.cuda_memory)(device.index if device.index is not None else 0)
+    needed = fitness.estimate_gpu_bytes(offload=False)
+    offload = info is None or info[0] < needed
+    logger.info(
+        "HALLO3_OFFLOAD=auto: %s (%.1f GiB free, about %.1f GiB needed to keep everything on the GPU)",
+        "offloading the reference network and T5 between jobs" if offload else "keeping every network on the GPU",
+        (info[0] if info else 0) / fitness.GIB,
+        needed / fitness.GIB,
+    )
+    return offload
+
+
 def load_pipeline(settings: Settings) -> TalkingHeadPipeline:
     """Build the pipeline once, at start-up.
 
@@ -89,7 +122,7 @@ def load_pipeline(settings: Settings) -> TalkingHeadPipeline:
     from hallo3_worker.pipeline import InputLimits, Placement
 
     device = resolve_device(settings)
-    placement = Placement(device=device, dtype=resolve_dtype(settings, device))
+    placement = Placement(device=device, dtype=resolve_dtype(settings, device), offload=resolve_offload(settings, device))
     limits = InputLimits(
         min_image_side=settings.min_image_side,
         max_image_pixels=settings.max_image_pixels,
@@ -134,6 +167,7 @@ def startup_fitness_checks(settings: Settings, device: torch.device | None = Non
     config = FitnessConfig(
         weights_dir=settings.weights_dir,
         require_cuda=wants_gpu,
+        offload=settings.offload != "off",  # auto needs at least what offloading needs
         device_index=device.index if device.index is not None else 0,
     )
     checks = fitness_checks(config)

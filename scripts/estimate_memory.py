@@ -1,0 +1,56 @@
+"""Print the device memory each stage of a full-size Hallo3 job needs (no GPU needed).
+
+Tensor sizes are computed under FakeTensorMode (see ``hallo3_worker.memory``); the totals for each
+offload policy add the weights kept on the device and the allowance for the CUDA context and
+allocator that ``hallo3_worker.fitness`` uses. These are estimates from the code, not measurements.
+
+    python scripts/estimate_memory.py [--dtype bfloat16] [--max-duration-s 60] [--output out/memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from hallo3_worker import fitness
+from hallo3_worker.memory import GIB, estimate_stage_memory
+
+logger = logging.getLogger("estimate_memory")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--max-duration-s", type=float, default=60.0)
+    parser.add_argument("--output", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    start = time.perf_counter()
+    stages = estimate_stage_memory(dtype=getattr(torch, args.dtype), max_duration_s=args.max_duration_s)
+    logger.info("estimated in %.1f s", time.perf_counter() - start)
+    report = {
+        "dtype": args.dtype,
+        "stages_gib": {
+            name: {"weights": round(s.weights / GIB, 3), "activations": round(s.activations / GIB, 3)}
+            for name, s in stages.items()
+        },
+        "fitness_estimate_gib": {
+            policy: round(fitness.estimate_gpu_bytes(offload=policy == "offload") / GIB, 2)
+            for policy in ("offload", "resident")
+        },
+    }
+    text = json.dumps(report, indent=2)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    print(text)  # the JSON report is this script's output
+
+
+if __name__ == "__main__":
+    main()
