@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import platform
-import time
 from pathlib import Path
 
 import torch
+
+from benchutil import emit_report, median_seconds, sync
 
 from hallo3_worker.models import presets
 from hallo3_worker.models.loading import build_on_meta, materialize_random
@@ -33,25 +33,6 @@ logger = logging.getLogger("benchmark_denoiser")
 # FLOPs of one batch-1 forward of upstream's main DiT at 480x720x49 (torch.utils.flop_counter on
 # the meta-device model; includes the reference-token queries this implementation skips).
 UPSTREAM_FLOP_PER_SAMPLE_FORWARD = 4.18e14
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds of fn() over iters runs after warmup runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 @torch.inference_mode()
@@ -74,7 +55,7 @@ def run(device: torch.device, dtype: torch.dtype, warmup: int, iters: int, profi
     # Reference network: once per job, batch 1.
     ref_net = materialize_random(build_on_meta(lambda: ReferenceNet(ref_cfg), dtype), device)
     ref_latent = randn(1, 1, 16, ref_cfg.latent_height, ref_cfg.latent_width)
-    result["reference_net_s"] = _timed(functools.partial(ref_net, ref_latent), device, warmup, iters)
+    result["reference_net_s"] = median_seconds(functools.partial(ref_net, ref_latent), device, warmup, iters)
     reference = [torch.cat([t, t]) for t in ref_net(ref_latent)]
     del ref_net
     if full:
@@ -90,9 +71,9 @@ def run(device: torch.device, dtype: torch.dtype, warmup: int, iters: int, profi
     audio = randn(2, frames, c.audio.window, c.audio.feature_layers, c.audio.feature_dim)
     face = randn(2, c.face.embed_dim)
 
-    result["encode_conditions_s"] = _timed(lambda: model.encode_conditions(audio, face), device, warmup, iters)
+    result["encode_conditions_s"] = median_seconds(lambda: model.encode_conditions(audio, face), device, warmup, iters)
     audio_tokens, face_tokens = model.encode_conditions(audio, face)
-    seconds = _timed(lambda: model(x, t, text, audio_tokens, face_tokens, reference), device, warmup, iters)
+    seconds = median_seconds(lambda: model(x, t, text, audio_tokens, face_tokens, reference), device, warmup, iters)
     tokens = c.text_length + c.latent_frames * c.tokens_per_frame
     result.update(
         {
@@ -120,7 +101,7 @@ def _profile(fn, device: torch.device, path: Path) -> None:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         fn()
-        _sync(device)
+        sync(device)
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
@@ -144,11 +125,7 @@ def main() -> None:
         logger.warning("no CUDA device: benchmarking the tiny model on the CPU (not representative)")
         dtype = torch.float32
     result = run(device, dtype, args.warmup, args.iters, args.profile)
-    text = json.dumps(result, indent=2)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
-    print(text)  # the JSON report is this script's output
+    emit_report(result, args.output)
 
 
 if __name__ == "__main__":

@@ -12,36 +12,17 @@ one it is the tiny VAE at 64x96 on the CPU, which only shows that the script wor
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
-import time
 from pathlib import Path
 
 import torch
 
+from benchutil import emit_report, median_seconds
+
 from hallo3_worker.models.vae import COGVIDEOX_5B_VAE, SEGMENT_LATENT_FRAMES, TINY_VAE, Hallo3VAE, build_vae
 
 logger = logging.getLogger("benchmark_vae")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds of fn() over iters runs after warmup runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def _peak_gib(device: torch.device) -> float | None:
@@ -71,11 +52,11 @@ def run(device: torch.device, dtype: torch.dtype, warmup: int, iters: int) -> di
     }
     if full:
         torch.cuda.reset_peak_memory_stats(device)
-    result["encode_motion_clip_s"] = _timed(lambda: vae.encode_condition(clip, generator=g), device, warmup, iters)
+    result["encode_motion_clip_s"] = median_seconds(lambda: vae.encode_condition(clip, generator=g), device, warmup, iters)
     result["encode_peak_gib"] = _peak_gib(device)
     if full:
         torch.cuda.reset_peak_memory_stats(device)
-    result["decode_segment_s"] = _timed(lambda: vae.decode(latents), device, warmup, iters)
+    result["decode_segment_s"] = median_seconds(lambda: vae.decode(latents), device, warmup, iters)
     result["decode_peak_gib"] = _peak_gib(device)
     result["decoded_frames"] = 4 * (SEGMENT_LATENT_FRAMES - 1) + 1
     return result
@@ -97,11 +78,7 @@ def main() -> None:
         logger.warning("no CUDA device: benchmarking the tiny VAE on the CPU (not representative)")
         dtype = torch.float32
     result = run(device, dtype, args.warmup, args.iters)
-    text = json.dumps(result, indent=2)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
-    print(text)  # the JSON report is this script's output
+    emit_report(result, args.output)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ allocator that ``hallo3_worker.fitness`` uses. These are estimates from the code
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
+
+from benchutil import emit_report
 
 from hallo3_worker import fitness
 from hallo3_worker.memory import GIB, estimate_stage_memory
@@ -45,11 +46,7 @@ def main() -> None:
             for policy in ("offload", "resident")
         },
     }
-    text = json.dumps(report, indent=2)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
-    print(text)  # the JSON report is this script's output
+    emit_report(report, args.output)
 
 
 if __name__ == "__main__":
