@@ -13,7 +13,6 @@ only show that the script works.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import platform
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchutil import emit_report, median_seconds, sync
+from benchutil import benchmark_parser, device_and_dtype, emit_report, median_seconds, sync
 
 from hallo3_worker.models import presets
 from hallo3_worker.models.loading import build_on_meta, materialize_random
@@ -109,21 +108,10 @@ def _profile(fn, device: torch.device, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--output", type=Path, help="also write the JSON here")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--profile", type=Path, help="write a profiler table of one forward here")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    if device.type == "cpu":
-        logger.warning("no CUDA device: benchmarking the tiny model on the CPU (not representative)")
-        dtype = torch.float32
+    device, dtype = device_and_dtype(args, logger, "model")
     result = run(device, dtype, args.warmup, args.iters, args.profile)
     emit_report(result, args.output)
 

@@ -11,14 +11,12 @@ one it is the tiny VAE at 64x96 on the CPU, which only shows that the script wor
 
 from __future__ import annotations
 
-import argparse
 import logging
 import platform
-from pathlib import Path
 
 import torch
 
-from benchutil import emit_report, median_seconds
+from benchutil import benchmark_parser, device_and_dtype, emit_report, median_seconds
 
 from hallo3_worker.models.vae import COGVIDEOX_5B_VAE, SEGMENT_LATENT_FRAMES, TINY_VAE, Hallo3VAE, build_vae
 
@@ -63,20 +61,9 @@ def run(device: torch.device, dtype: torch.dtype, warmup: int, iters: int) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--output", type=Path, help="also write the JSON here")
+    parser = benchmark_parser(__doc__)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    if device.type == "cpu":
-        logger.warning("no CUDA device: benchmarking the tiny VAE on the CPU (not representative)")
-        dtype = torch.float32
+    device, dtype = device_and_dtype(args, logger, "VAE")
     result = run(device, dtype, args.warmup, args.iters)
     emit_report(result, args.output)
 

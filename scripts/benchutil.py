@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,3 +39,24 @@ def emit_report(report: dict, output: Path | None) -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text + "\n")
     print(text)  # the JSON report is the script's output
+
+
+def benchmark_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --device, --dtype, --warmup, --iters, --output."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--output", type=Path, help="also write the JSON here")
+    return parser
+
+
+def device_and_dtype(args: argparse.Namespace, logger: logging.Logger, what: str) -> tuple[torch.device, torch.dtype]:
+    """Set up logging; the device and dtype asked for, float32 (with a warning) on the CPU."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        logger.warning("no CUDA device: benchmarking the tiny %s on the CPU (not representative)", what)
+        return device, torch.float32
+    return device, getattr(torch, args.dtype)
