@@ -96,3 +96,11 @@ def test_the_bank_constant_is_the_reference_networks_output() -> None:
     main, ref = presets.full_transformer(), presets.full_reference_net()
     per_copy = main.num_layers * ref.tokens_per_frame * main.hidden_size * 2  # bf16
     assert fitness.REFERENCE_BANK_BYTES == 3 * per_copy  # batch 1 from the stage + the batch-2 guided copy
+
+
+def test_device_peak_memory_is_none_without_an_accelerator_allocator() -> None:
+    from hallo3_worker.memory import device_peak_memory
+
+    with device_peak_memory(torch.device("cpu")) as peak:
+        torch.ones(1000).sum()
+    assert peak.bytes is None

@@ -78,12 +78,16 @@ class Progress:
 
 @dataclasses.dataclass
 class GenerationResult:
-    """Frames in RGB uint8, shape (num_frames, height, width, 3), plus per-stage timings in seconds."""
+    """Frames in RGB uint8, shape (num_frames, height, width, 3), plus per-stage timings in seconds.
+
+    ``peak_memory_bytes``: the most the accelerator held during generation (None on the CPU).
+    """
 
     frames: np.ndarray
     fps: int
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    peak_memory_bytes: int | None = None
 
 
 class Cancelled(Exception):

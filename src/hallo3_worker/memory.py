@@ -19,9 +19,10 @@ memory-efficient kernels allocate (plus a small log-sum-exp). A test recomputes 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -31,6 +32,30 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 GIB = 1024**3
+
+
+class PeakMemory:
+    """The measured peak of the device's allocator over a block (see :func:`device_peak_memory`)."""
+
+    bytes: int | None = None  # None where the device keeps no statistics (the CPU)
+
+
+@contextlib.contextmanager
+def device_peak_memory(device: torch.device) -> Iterator[PeakMemory]:
+    """Measure the peak bytes PyTorch allocates on an accelerator ``device`` during the block.
+
+    Resets the device's peak statistics at entry; on the CPU (or a device type other than the
+    current accelerator) ``bytes`` stays None.
+    """
+    peak = PeakMemory()
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    measured = device.type != "cpu" and accelerator is not None and accelerator.type == device.type
+    index = device.index if device.index is not None else torch.accelerator.current_device_index() if measured else 0
+    if measured:
+        torch.accelerator.reset_peak_memory_stats(index)
+    yield peak
+    if measured:
+        peak.bytes = int(torch.accelerator.max_memory_allocated(index))
 
 
 class TensorMemoryTracker(TorchDispatchMode):

@@ -75,6 +75,7 @@ from hallo3_worker.interface import (
     ProgressCallback,
     raise_if_cancelled,
 )
+from hallo3_worker.memory import device_peak_memory
 from hallo3_worker.models.loading import replace_tensors
 from hallo3_worker.models.reference_net import ReferenceNet
 from hallo3_worker.models.transformer import Hallo3Transformer
@@ -259,7 +260,12 @@ class Hallo3Pipeline:
         noise = noise or self.noise_factory(request.seed)
         cancel = cancel or threading.Event()
         timings: dict[str, float] = {}
-        with self._lock, torch.inference_mode(), _work_dir(request.work_dir) as work_dir:
+        with (
+            self._lock,
+            torch.inference_mode(),
+            _work_dir(request.work_dir) as work_dir,
+            device_peak_memory(self.placement.device) as peak,
+        ):
             with timed(timings, "audio"):
                 separator = self.components.separator if request.separate_vocals else None
                 speech = speech_to_16k(job.data["audio"], job_dir=work_dir, separator=separator)
@@ -278,7 +284,9 @@ class Hallo3Pipeline:
         top, left, height, width = processed.plan.output_crop
         video = crop_output_frames(frames, (top, left, height, width))
         video = self._to_output_size(video, job.height, job.width)
-        return GenerationResult(frames=video, fps=FPS, timings=timings)
+        if peak.bytes is not None:
+            logger.info("peak device memory of this job: %.2f GiB", peak.bytes / 2**30)
+        return GenerationResult(frames=video, fps=FPS, timings=timings, peak_memory_bytes=peak.bytes)
 
     def _encode_text(self, prompt: str) -> torch.Tensor:
         encoder = self.components.text_encoder

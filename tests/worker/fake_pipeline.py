@@ -82,8 +82,9 @@ class NoiseTalkingHeadPipeline:
 
     is_tiny = True
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, peak_memory_bytes: int | None = None) -> None:
         self.settings = settings
+        self.peak_memory_bytes = peak_memory_bytes  # what generate() reports, as a GPU pipeline would
 
     # ------------------------------------------------------------------------------- prepare
 
@@ -140,7 +141,12 @@ class NoiseTalkingHeadPipeline:
                 frames[index] = self._noisy_frame(reference, rng) if index % NOISE_HOLD == 0 else frames[index - 1]
         if progress is not None:
             progress(Progress("decode", 1.0, segments - 1, segments))
-        return GenerationResult(frames=frames, fps=job.fps, timings={"denoise": time.perf_counter() - started})
+        return GenerationResult(
+            frames=frames,
+            fps=job.fps,
+            timings={"denoise": time.perf_counter() - started},
+            peak_memory_bytes=self.peak_memory_bytes,
+        )
 
     @staticmethod
     def _noisy_frame(reference: np.ndarray, rng: np.random.Generator) -> np.ndarray:

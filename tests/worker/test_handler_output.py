@@ -15,6 +15,7 @@ from worker_support import b64, jpeg_bytes, probe_mp4
 from hallo3_worker.errors import ErrorCode
 from hallo3_worker.worker.media import load_audio_mono
 from fake_pipeline import WARNING as PLACEHOLDER_WARNING
+from fake_pipeline import NoiseTalkingHeadPipeline
 from hallo3_worker.worker.runtime import TINY_MODEL_WARNING
 
 FRAME_S = 1 / 25
@@ -49,8 +50,15 @@ def test_mp4_codecs_duration_and_layout(run_job, face_jpg: bytes, speech_wav: by
     # All of the audio is there, and nothing more.
     assert info["audio_duration_s"] == pytest.approx(speech_duration, abs=0.005)
     assert result["has_audio"] is True and result["size_bytes"] == len(data)
+    assert result["gpu_peak_memory_gib"] is None  # this pipeline reports no device memory
     # +faststart: the index (moov) comes before the media data (mdat).
     assert data[4:8] == b"ftyp" and 0 < data.find(b"moov") < data.find(b"mdat")
+
+
+def test_the_measured_peak_memory_is_reported(make_runner, settings, face_jpg: bytes, speech_wav: bytes) -> None:
+    runner = make_runner(settings, NoiseTalkingHeadPipeline(settings, peak_memory_bytes=int(35.5 * 2**30) + 12345))
+    result = runner({"image": b64(face_jpg), "audio": b64(speech_wav)})
+    assert result["gpu_peak_memory_gib"] == 35.5
 
 
 def test_the_original_audio_is_muxed(run_job, face_jpg: bytes, speech_wav: bytes, tmp_path) -> None:

@@ -183,6 +183,7 @@ class Worker:
             "audio_duration_s": round(prepared.audio_duration_s, 3),
             "has_audio": video.has_audio,
             "size_bytes": video.size_bytes,
+            "gpu_peak_memory_gib": None if result.peak_memory_bytes is None else round(result.peak_memory_bytes / 2**30, 2),
             "timings": timings,
             "warnings": _unique(warnings + prepared.warnings + result.warnings + delivered.warnings),
         }
