@@ -33,7 +33,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     start = time.perf_counter()
-    stages = estimate_stage_memory(dtype=getattr(torch, args.dtype), max_duration_s=args.max_duration_s)
+    dtype = getattr(torch, args.dtype)
+    stages = estimate_stage_memory(dtype=dtype, max_duration_s=args.max_duration_s)
+    sliced = estimate_stage_memory(
+        dtype=dtype, stages=["denoise"], feed_forward_chunk=fitness.FULL_OFFLOAD_FEED_FORWARD_CHUNK
+    )
+    stages["denoise_chunked"] = sliced["denoise"]
     logger.info("estimated in %.1f s", time.perf_counter() - start)
     report = {
         "dtype": args.dtype,
@@ -42,8 +47,7 @@ def main() -> None:
             for name, s in stages.items()
         },
         "fitness_estimate_gib": {
-            policy: round(fitness.estimate_gpu_bytes(offload=policy == "offload") / GIB, 2)
-            for policy in ("offload", "resident")
+            policy: round(fitness.estimate_gpu_bytes(policy) / GIB, 2) for policy in fitness.OFFLOAD_POLICIES
         },
     }
     emit_report(report, args.output)

@@ -241,19 +241,25 @@ def test_fitness_checks_only_on_the_platform_with_weights(tmp_path: Path, comple
 
 def test_offload_policy(tmp_path: Path) -> None:
     cuda = torch.device("cuda", 0)
-    resident_need = fitness.estimate_gpu_bytes(offload=False)
+    needs = {policy: fitness.estimate_gpu_bytes(policy) for policy in fitness.OFFLOAD_POLICIES}
 
     def card(free: int):
         return lambda index: (free, 80 * fitness.GIB, "Test GPU")
 
     auto = _settings(tmp_path, None, offload="auto")
-    assert runtime.resolve_offload(auto, cuda, memory_info=card(resident_need)) is False  # room for everything
-    assert runtime.resolve_offload(auto, cuda, memory_info=card(resident_need - 1)) is True
-    assert runtime.resolve_offload(auto, cuda, memory_info=lambda index: None) is True
-    assert runtime.resolve_offload(auto, CPU) is False  # nothing to offload to
-    never_asked = card(0)
-    assert runtime.resolve_offload(_settings(tmp_path, None, offload="off"), cuda, memory_info=never_asked) is False
-    assert runtime.resolve_offload(_settings(tmp_path, None, offload="on"), CPU) is True
+    assert runtime.resolve_offload(auto, cuda, memory_info=card(needs["off"])) == "off"  # room for everything
+    assert runtime.resolve_offload(auto, cuda, memory_info=card(needs["off"] - 1)) == "partial"
+    assert runtime.resolve_offload(auto, cuda, memory_info=card(needs["partial"] - 1)) == "full"
+    assert runtime.resolve_offload(auto, cuda, memory_info=card(needs["full"] - 1)) == "full"  # the least there is
+    assert runtime.resolve_offload(auto, cuda, memory_info=lambda index: None) == "full"
+    assert runtime.resolve_offload(auto, CPU) == "off"  # nothing to offload to
+    for policy in fitness.OFFLOAD_POLICIES:
+        assert runtime.resolve_offload(_settings(tmp_path, None, offload=policy), cuda, memory_info=card(0)) == policy
+
+    off, partial, full = (runtime.placement_for(cuda, torch.bfloat16, p) for p in fitness.OFFLOAD_POLICIES)
+    assert (off.offload, off.offload_transformer, off.feed_forward_chunk) == (False, False, None)
+    assert (partial.offload, partial.offload_transformer, partial.feed_forward_chunk) == (True, False, None)
+    assert (full.offload, full.offload_transformer) == (True, True) and full.feed_forward_chunk == 4096
 
 
 def test_gpu_fitness_follows_the_offload_policy(tmp_path: Path, complete_copy: Path, monkeypatch) -> None:
@@ -265,13 +271,13 @@ def test_gpu_fitness_follows_the_offload_policy(tmp_path: Path, complete_copy: P
 
     monkeypatch.setattr(fitness, "check_gpu_memory", check)
     cuda = torch.device("cuda", 0)
-    for policy in ("auto", "on", "off"):
+    for policy in ("auto", "off", "partial", "full"):
         settings = _settings(tmp_path, complete_copy, on_platform=True, offload=policy)
         checks = {c.__name__: c for c in runtime.startup_fitness_checks(settings, cuda)}
         checks["hallo3_gpu_memory"]()
     location = hw.locate_weights(complete_copy)
-    offload, resident = (fitness.estimate_gpu_bytes(o, location=location) for o in (True, False))
-    assert asked == [offload, offload, resident]  # auto must at least fit with offloading
+    off, partial, full = (fitness.estimate_gpu_bytes(p, location=location) for p in fitness.OFFLOAD_POLICIES)
+    assert asked == [full, off, partial, full]  # auto must at least fit the smallest policy
 
 
 def test_failed_fitness_exits_with_the_reason(tmp_path: Path, complete_copy: Path, caplog) -> None:

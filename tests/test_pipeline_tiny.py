@@ -174,3 +174,43 @@ def test_offloaded_networks_visit_the_compute_device_only_while_they_run() -> No
     resident = Hallo3Pipeline(components=None, placement=Placement(device=torch.device("meta"), offload=False))
     with resident._visiting(net):
         assert all(t.device.type == "cpu" for t in net.parameters())  # not offloaded: left alone
+
+
+def test_full_offload_keeps_the_transformer_away_from_the_vae_decode(speech_2_5s: Path, tmp_path: Path, monkeypatch) -> None:
+    """With offload_transformer the transformer visits the device around each segment's sampling only."""
+    import contextlib
+
+    import torch
+
+    from hallo3_worker.pipeline import Hallo3Pipeline, Placement
+
+    placement = Placement(offload_transformer=True, feed_forward_chunk=8)
+    full = build_tiny_pipeline(placement=placement)
+    plain = build_tiny_pipeline()
+    events: list[str] = []
+    visiting = Hallo3Pipeline._visiting
+
+    @contextlib.contextmanager
+    def recording(self, module, offloaded=None):
+        name = type(module).__name__
+        events.append(f"visit {name}" if (offloaded if offloaded is not None else self.placement.offload) else f"resident {name}")
+        with visiting(self, module, offloaded):
+            yield
+        events.append(f"leave {name}")
+
+    monkeypatch.setattr(Hallo3Pipeline, "_visiting", recording)
+    decode = full.components.vae.decode
+    monkeypatch.setattr(full.components.vae, "decode", lambda latents: events.append("decode") or decode(latents))
+    request = _request(ASSETS / "face.jpg", speech_2_5s, tmp_path, steps=2)
+    result = full.generate(full.prepare(request))
+
+    segment = ["visit Hallo3Transformer", "leave Hallo3Transformer", "decode"]
+    assert events == ["visit T5EncoderModel", "leave T5EncoderModel", "visit ReferenceNet", "leave ReferenceNet", *segment, *segment]
+    # The frames of the default placement, up to float rounding of the sliced MLPs' products.
+    expected = plain.generate(plain.prepare(request))
+    difference = np.abs(result.frames.astype(int) - expected.frames.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+    assert all(ff.chunk_tokens == 8 for ff in full.components.transformer.modules() if hasattr(ff, "chunk_tokens"))
+    assert torch.equal(
+        full.components.transformer.blocks[0].attn.to_q.weight, plain.components.transformer.blocks[0].attn.to_q.weight
+    )

@@ -318,34 +318,34 @@ def test_weights_fitness(converted_root: Path, tmp_path: Path) -> None:
 
 
 def test_gpu_memory_fitness() -> None:
-    offload = fitness.estimate_gpu_bytes(offload=True)
-    resident = fitness.estimate_gpu_bytes(offload=False)
+    off, partial, full = (fitness.estimate_gpu_bytes(policy) for policy in fitness.OFFLOAD_POLICIES)
     weights = fitness.DEFAULT_COMPONENT_BYTES
-    # The VAE decode is the peak stage either way (a visiting network plus its own stage is smaller),
-    # so offloading saves exactly the weights of the two once-per-job networks.
-    assert resident - offload == weights["reference_net"] + weights["text_encoder"]
-    # The peak stage is the VAE decode beside the resident transformer (a big stage change would move this).
-    expected_offload = (
-        sum(weights[name] for name in fitness.ALWAYS_RESIDENT)
-        + fitness.REFERENCE_BANK_BYTES
-        + fitness.STAGE_ACTIVATION_BYTES["vae_decode"]
-        + fitness.CUDA_OVERHEAD_BYTES
-    )
-    assert offload == expected_offload
+    act = fitness.STAGE_ACTIVATION_BYTES
+    bank, overhead = fitness.REFERENCE_BANK_BYTES, fitness.CUDA_OVERHEAD_BYTES
+    small = weights["vae"] + weights["audio_encoder"] + weights["onnx"]
+    # off and partial peak at the VAE decode beside the resident transformer; partial saves exactly
+    # the once-per-job networks (each of their own stages is smaller than the decode).
+    assert off - partial == weights["reference_net"] + weights["text_encoder"]
+    assert partial == weights["transformer"] + small + bank + act["vae_decode"] + overhead
+    # full peaks in the guided step: the visiting transformer with sliced MLPs; the decode is alone.
+    assert full == small + weights["transformer"] + bank + act["denoise_chunked"] + overhead
+    assert full < partial < off
     # A bigger stage is seen: an activation peak above all others sets the estimate.
-    huge = fitness.estimate_gpu_bytes(offload=True, activations={"text": 100 * fitness.GIB})
-    assert huge == sum(weights[n] for n in fitness.ALWAYS_RESIDENT) + weights["text_encoder"] + 100 * fitness.GIB + fitness.CUDA_OVERHEAD_BYTES
+    huge = fitness.estimate_gpu_bytes("partial", activations={"text": 100 * fitness.GIB})
+    assert huge == weights["transformer"] + small + weights["text_encoder"] + 100 * fitness.GIB + overhead
+    with pytest.raises(ValueError, match="unknown offload policy"):
+        fitness.estimate_gpu_bytes("on")
 
     def card(free_gib: float, total_gib: float):
         return lambda index: (int(free_gib * fitness.GIB), int(total_gib * fitness.GIB), "Test GPU")
 
-    assert "Test GPU" in fitness.check_gpu_memory(resident, memory_info=card(78, 80))
-    assert "Test GPU" in fitness.check_gpu_memory(offload, memory_info=card(44, 44.5))  # a 48 GB card, offloading
-    with pytest.raises(fitness.FitnessError, match=r"44\.0 GiB free of 44\.5 GiB.*HALLO3_OFFLOAD=on"):
-        fitness.check_gpu_memory(resident, memory_info=card(44, 44.5))
-    assert "skipped" in fitness.check_gpu_memory(offload, memory_info=lambda index: None)
+    assert "Test GPU" in fitness.check_gpu_memory(off, memory_info=card(78, 80))
+    assert "Test GPU" in fitness.check_gpu_memory(partial, memory_info=card(44, 44.5))  # a 48 GB card
+    with pytest.raises(fitness.FitnessError, match=r"44\.0 GiB free of 44\.5 GiB.*HALLO3_OFFLOAD=partial or full"):
+        fitness.check_gpu_memory(off, memory_info=card(44, 44.5))
+    assert "skipped" in fitness.check_gpu_memory(partial, memory_info=lambda index: None)
     with pytest.raises(fitness.FitnessError, match="no usable CUDA device"):
-        fitness.check_gpu_memory(offload, memory_info=lambda index: None, require_cuda=True)
+        fitness.check_gpu_memory(partial, memory_info=lambda index: None, require_cuda=True)
 
 
 def test_gpu_estimate_uses_converted_sizes(converted_root: Path) -> None:
@@ -353,10 +353,9 @@ def test_gpu_estimate_uses_converted_sizes(converted_root: Path) -> None:
     sizes = hw.converted_component_sizes(location)
     known = fitness.component_bytes(location)
     assert {name: known[name] for name in sizes} == sizes
-    default = fitness.estimate_gpu_bytes(offload=True)
-    with_files = fitness.estimate_gpu_bytes(offload=True, location=location)
-    resident_names = set(fitness.ALWAYS_RESIDENT) & set(sizes)
-    assert default - with_files == sum(fitness.DEFAULT_COMPONENT_BYTES[n] - sizes[n] for n in resident_names)
+    default = fitness.estimate_gpu_bytes("off")
+    with_files = fitness.estimate_gpu_bytes("off", location=location)
+    assert default - with_files == sum(fitness.DEFAULT_COMPONENT_BYTES[n] - sizes[n] for n in sizes)
 
 
 def test_encoder_fitness_and_registration_bundle(converted_root: Path) -> None:

@@ -37,7 +37,8 @@ def guidance_model_fn(
 ) -> ModelFn:
     """Return model_fn(x, timesteps) for :func:`hallo3_worker.sampling.sample`.
 
-    reference: the reference network's per-block tokens, batch B (doubled here for CFG).
+    reference: the reference network's per-block tokens, batch B. With B = 1 (one job) both
+        halves of the guided batch share the same tensors instead of a doubled copy.
     """
     c = conditions
     with torch.no_grad():
@@ -46,10 +47,11 @@ def guidance_model_fn(
         audio_tokens, face_tokens = transformer.encode_conditions(audio, face)
     text = torch.cat([torch.zeros_like(c.text), c.text])
     concat = torch.cat([c.concat, c.concat])
-    doubled_reference = [torch.cat([r, r]) for r in reference]
+    if any(r.shape[0] != 1 for r in reference):
+        reference = [torch.cat([r, r]) for r in reference]
 
     def model_fn(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         hidden_states = torch.cat([x, concat.to(x.dtype)], dim=2)  # (2B, T, 2C, H, W)
-        return transformer(hidden_states, timesteps, text, audio_tokens, face_tokens, doubled_reference)
+        return transformer(hidden_states, timesteps, text, audio_tokens, face_tokens, reference)
 
     return model_fn

@@ -39,25 +39,38 @@ DEFAULT_COMPONENT_BYTES: dict[str, int] = {
     "audio_encoder": 377_486_848,  # wav2vec2-base-960h, fp32
     "onnx": 500_000_000,  # insightface models + vocal separator under ONNX Runtime CUDA (estimate)
 }
-#: Components that stay on the GPU whatever the offload policy.
-ALWAYS_RESIDENT: tuple[str, ...] = (hw.TRANSFORMER, hw.VAE, "audio_encoder", "onnx")
-#: Components that run once per job; with offloading they wait in CPU memory and visit the GPU.
-VISITING: tuple[str, ...] = (hw.REFERENCE_NET, "text_encoder")
+#: Offload policies (``HALLO3_OFFLOAD`` without ``auto``), from most to least GPU memory:
+#: ``off`` keeps every network on the GPU; ``partial`` keeps the once-per-job networks (reference
+#: network, T5) in CPU memory, visiting the GPU for their own stage; ``full`` also keeps the main
+#: transformer there, visiting for each segment's denoising, with its MLPs run in slices.
+OFFLOAD_POLICIES: tuple[str, ...] = ("off", "partial", "full")
+#: Which network visits the GPU for which stage, per policy; every other network stays resident.
+VISITORS: dict[str, dict[str, str]] = {
+    "off": {},
+    "partial": {"text": "text_encoder", "reference": hw.REFERENCE_NET},
+    "full": {"text": "text_encoder", "reference": hw.REFERENCE_NET, "denoise": hw.TRANSFORMER},
+}
+#: Tokens per MLP slice under the ``full`` policy (hallo3_worker.models.memory_savers).
+FULL_OFFLOAD_FEED_FORWARD_CHUNK = 4096
+#: The networks of a worker (what ``off`` keeps on the GPU).
+GPU_COMPONENTS: tuple[str, ...] = (hw.TRANSFORMER, hw.REFERENCE_NET, hw.VAE, "text_encoder", "audio_encoder", "onnx")
 
 #: Peak bytes of the tensors each stage holds besides its weights and inputs, for a full-size job at
 #: 480x720 in bf16 and 60 s of audio: ``scripts/estimate_memory.py`` (hallo3_worker.memory,
 #: tensor sizes under FakeTensorMode). tests/test_memory.py recomputes them from the code.
+#: ``denoise_chunked`` is the guided step with FULL_OFFLOAD_FEED_FORWARD_CHUNK-token MLP slices.
 STAGE_ACTIVATION_BYTES: dict[str, int] = {
     "audio": 786_427_904,
     "text": 50_337_892,
     "reference": 1_839_974_400,
     "denoise": 3_290_333_184,
+    "denoise_chunked": 2_183_635_968,
     "vae_encode": 2_569_881_600,
     "vae_decode": 15_824_160_000,
 }
-#: The reference network's tokens, kept for the whole job: 42 blocks x (1, 1350, 3072) bf16 from the
-#: reference stage plus the batch-2 copy the guided forward uses (hallo3_worker.denoiser).
-REFERENCE_BANK_BYTES = 3 * 42 * 1350 * 3072 * 2
+#: The reference network's tokens, kept for the whole job: 42 blocks x (1, 1350, 3072) bf16, shared
+#: by both halves of the guided batch (hallo3_worker.denoiser).
+REFERENCE_BANK_BYTES = 42 * 1350 * 3072 * 2
 #: What tensor sizes do not show: CUDA context, cuBLAS/cuDNN/attention workspaces and the caching
 #: allocator's rounding and fragmentation (an allowance, not a measurement).
 CUDA_OVERHEAD_BYTES = 2 * GIB
@@ -119,34 +132,38 @@ def component_bytes(location: hw.WeightsLocation | None = None, sizes: Mapping[s
 
 
 def estimate_gpu_bytes(
-    offload: bool = True,
+    policy: str = "partial",
     *,
     location: hw.WeightsLocation | None = None,
     sizes: Mapping[str, int] | None = None,
     activations: Mapping[str, int] | None = None,
 ) -> int:
-    """Peak GPU bytes of a job: the resident weights plus the largest stage, plus the CUDA allowance.
+    """Peak GPU bytes of a job under an offload ``policy`` (:data:`OFFLOAD_POLICIES`).
 
-    With ``offload`` the reference network and T5 wait in CPU memory and are on the GPU only during
-    their own stage; without it every component stays resident. The stage peaks are
-    :data:`STAGE_ACTIVATION_BYTES` (or ``activations``). These are estimates from tensor sizes,
-    not measurements on a GPU.
+    The resident networks, plus the largest stage (its activations from
+    :data:`STAGE_ACTIVATION_BYTES` or ``activations``, the network visiting for it, and the
+    reference tokens during the segment loop), plus :data:`CUDA_OVERHEAD_BYTES`. Estimates from
+    tensor sizes, not measurements on a GPU.
     """
+    if policy not in OFFLOAD_POLICIES:
+        raise ValueError(f"unknown offload policy {policy!r}; choose from {OFFLOAD_POLICIES}")
     weights = component_bytes(location, sizes)
     stage = dict(STAGE_ACTIVATION_BYTES)
     if activations:
         stage.update(activations)
-    resident = sum(weights[name] for name in ALWAYS_RESIDENT)
-    if not offload:
-        resident += sum(weights[name] for name in VISITING)
-    visiting = (lambda name: weights[name]) if offload else (lambda name: 0)
-    peak_stage = max(
-        stage["audio"],
-        stage["text"] + visiting("text_encoder"),
-        stage["reference"] + visiting(hw.REFERENCE_NET),
-        REFERENCE_BANK_BYTES + max(stage["denoise"], stage["vae_encode"], stage["vae_decode"]),
-    )
-    return resident + peak_stage + CUDA_OVERHEAD_BYTES
+    visitors = VISITORS[policy]
+    resident = sum(weights[name] for name in GPU_COMPONENTS if name not in visitors.values())
+    denoise = stage["denoise_chunked" if policy == "full" else "denoise"]
+    peaks = {
+        "audio": stage["audio"],
+        "text": stage["text"],
+        "reference": stage["reference"],
+        "denoise": REFERENCE_BANK_BYTES + denoise,
+        "vae_encode": REFERENCE_BANK_BYTES + stage["vae_encode"],
+        "vae_decode": REFERENCE_BANK_BYTES + stage["vae_decode"],
+    }
+    peak = max(bytes_ + (weights[visitors[name]] if name in visitors else 0) for name, bytes_ in peaks.items())
+    return resident + peak + CUDA_OVERHEAD_BYTES
 
 
 def cuda_memory(device_index: int) -> tuple[int, int, str] | None:
@@ -183,7 +200,7 @@ def check_gpu_memory(
         raise FitnessError(
             f"GPU {device_index} ({name}) has {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB, but this "
             f"configuration needs about {required_bytes / GIB:.1f} GiB (weights plus activations). Use a GPU "
-            "with more memory (docs/deploy.md lists what fits), set HALLO3_OFFLOAD=on, and make sure "
+            "with more memory (docs/deploy.md lists what fits), set HALLO3_OFFLOAD=partial or full, and make sure "
             "nothing else runs on this GPU."
         )
     return f"GPU {device_index} ({name}): {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB, about {required_bytes / GIB:.1f} GiB needed"
@@ -262,7 +279,7 @@ class FitnessConfig:
     volume_dir: str | os.PathLike[str] | None = hw.DEFAULT_VOLUME_WEIGHTS_DIR
     image_dir: str | os.PathLike[str] | None = hw.DEFAULT_IMAGE_WEIGHTS_DIR
     verify_hashes: bool = False
-    offload: bool = True
+    offload: str = "partial"  # an OFFLOAD_POLICIES entry
     device_index: int = 0
     require_cuda: bool = False
     encoders: tuple[str, ...] = REQUIRED_ENCODERS
@@ -320,12 +337,14 @@ def run_fitness_checks(checks: Iterable[Callable[[], str]]) -> list[str]:
 
 
 __all__ = [
-    "ALWAYS_RESIDENT",
     "CUDA_OVERHEAD_BYTES",
     "DEFAULT_COMPONENT_BYTES",
+    "FULL_OFFLOAD_FEED_FORWARD_CHUNK",
+    "GPU_COMPONENTS",
+    "OFFLOAD_POLICIES",
     "REFERENCE_BANK_BYTES",
     "STAGE_ACTIVATION_BYTES",
-    "VISITING",
+    "VISITORS",
     "FitnessConfig",
     "FitnessError",
     "check_gpu_memory",

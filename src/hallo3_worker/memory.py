@@ -143,14 +143,15 @@ def estimate_stage_memory(
     dtype: torch.dtype = torch.bfloat16,
     max_duration_s: float = 60.0,
     stages: Iterable[str] | None = None,
+    feed_forward_chunk: int | None = None,
 ) -> dict[str, StageMemory]:
     """Weights and activation peaks of each stage of a full-size Hallo3 job at 480x720.
 
     Runs every network under ``FakeTensorMode`` on the CPU (no memory is allocated; takes ~20 s).
     Stages: ``audio`` (wav2vec2 on ``max_duration_s`` seconds, float32), ``text`` (T5-XXL encoder,
     226 tokens), ``reference`` (reference-image VAE encode + reference network), ``denoise`` (one
-    classifier-free-guidance forward of the main transformer, batch 2, reference tokens included in
-    the inputs), ``vae_encode`` (the 3-frame motion clip) and ``vae_decode`` (13 latent frames to 49).
+    classifier-free-guidance forward of the main transformer, batch 2, with the batch-1 reference
+    tokens among the inputs), ``vae_encode`` (the 3-frame motion clip) and ``vae_decode`` (13 latent frames to 49).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import T5Config, T5EncoderModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -159,6 +160,7 @@ def estimate_stage_memory(
     from hallo3_worker.conditioning.text import MAX_TEXT_TOKENS
     from hallo3_worker.models import presets
     from hallo3_worker.models.loading import build_on_meta, replace_tensors
+    from hallo3_worker.models.memory_savers import chunk_feed_forward
     from hallo3_worker.models.reference_net import ReferenceNet
     from hallo3_worker.models.transformer import Hallo3Transformer
     from hallo3_worker.models.vae import COGVIDEOX_5B_VAE, SEGMENT_LATENT_FRAMES, Hallo3VAE, build_vae
@@ -222,13 +224,15 @@ def estimate_stage_memory(
 
         if "denoise" in wanted:
             model = fake.pop("denoise")
+            if feed_forward_chunk is not None:
+                chunk_feed_forward(model, feed_forward_chunk)
             c = main_cfg
             x = empty(2, c.latent_frames, c.in_channels, h, w)
             t = torch.full((2,), 500.0)
             text = empty(2, c.text_length, c.text_dim)
             audio = empty(2, frames, c.audio.window, c.audio.feature_layers, c.audio.feature_dim)
             face = empty(2, c.face.embed_dim)
-            reference = [empty(2, ref_cfg.tokens_per_frame, c.hidden_size) for _ in range(c.num_layers)]
+            reference = [empty(1, ref_cfg.tokens_per_frame, c.hidden_size) for _ in range(c.num_layers)]
 
             def forward() -> torch.Tensor:
                 audio_tokens, face_tokens = model.encode_conditions(audio, face)

@@ -142,13 +142,19 @@ class Placement:
 
     ``device``/``dtype``: the compute device and the networks' dtype. The text encoder and the
     reference network are used once per job; with ``offload`` they wait on ``offload_device``
-    between jobs and visit ``device`` only while they run.
+    between jobs and visit ``device`` only while they run. With ``offload_transformer`` the main
+    transformer waits there too and visits ``device`` for each segment's denoising only, so the
+    VAE decode and the once-per-job networks never share the device with it.
+    ``feed_forward_chunk``: run the transformer's MLPs that many tokens at a time
+    (:func:`hallo3_worker.models.memory_savers.chunk_feed_forward`); None runs them whole.
     """
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     offload_device: torch.device = torch.device("cpu")
     offload: bool = True
+    offload_transformer: bool = False
+    feed_forward_chunk: int | None = None
 
 
 @dataclasses.dataclass
@@ -341,7 +347,6 @@ class Hallo3Pipeline:
 
             audio = segment_audio_chunk(features.windowed, segment)[None]  # (1, 49, 5, layers, hidden)
             conditions = SegmentConditions(concat.to(device), text.to(device), audio.to(device), face.to(device))
-            model_fn = guidance_model_fn(c.transformer, conditions, reference)
 
             def on_step(step: int, steps: int, segment: int = segment) -> None:
                 raise_if_cancelled(cancel)
@@ -349,14 +354,15 @@ class Hallo3Pipeline:
                     done = (segment + (step + 1) / steps) / count
                     progress(Progress("denoise", done, segment, count, step, steps))
 
-            latents = sample(
-                model_fn,
-                noise.initial(segment, latent_shape).to(device),
-                config,
-                lambda step, like, segment=segment: noise.step(segment, step, like).to(like.device),
-                on_step=on_step,
-                schedule=schedule,
-            )
+            with self._visiting(c.transformer, self.placement.offload_transformer):
+                latents = sample(
+                    guidance_model_fn(c.transformer, conditions, reference),
+                    noise.initial(segment, latent_shape).to(device),
+                    config,
+                    lambda step, like, segment=segment: noise.step(segment, step, like).to(like.device),
+                    on_step=on_step,
+                    schedule=schedule,
+                )
             decoded = c.vae.decode(latents.to(dtype))  # (1, 49, 3, H, W) float32 in [0, 1]
             # Next motion frames: the last 2 decoded frames, back to [-1, 1] in the model dtype.
             motion = decoded[:, -MOTION_FRAMES:].permute(0, 2, 1, 3, 4).to(dtype) * 2 - 1
@@ -375,15 +381,17 @@ class Hallo3Pipeline:
         return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
     @contextlib.contextmanager
-    def _visiting(self, module: nn.Module) -> Iterator[None]:
+    def _visiting(self, module: nn.Module, offloaded: bool | None = None) -> Iterator[None]:
         """Run ``module`` on the compute device; its resting copy stays where it waits.
 
-        The weights are copied to the device for the duration of the block (tied tensors once) and
-        the copies are dropped afterwards, so nothing is copied back and the resting tensors are
-        never reallocated.
+        ``offloaded``: whether ``module`` rests on the offload device (default: ``placement.offload``,
+        the rule for the once-per-job networks). The weights are copied to the device for the
+        duration of the block (tied tensors once) and the copies are dropped afterwards, so nothing
+        is copied back and the resting tensors are never reallocated.
         """
         p = self.placement
-        if not p.offload or p.device == p.offload_device:
+        offloaded = p.offload if offloaded is None else offloaded
+        if not offloaded or p.device == p.offload_device:
             yield
             return
         restore = replace_tensors(module, lambda t: t.to(p.device))

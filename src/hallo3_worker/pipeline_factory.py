@@ -11,6 +11,8 @@
   ``placement.dtype`` (the VAE in ``vae_dtype``, by default the same dtype, as upstream runs it in
   bf16); networks are built on ``meta`` and filled tensor by tensor in their target dtype on their
   target device, so no throwaway float32 copy of a network is ever made;
+* with ``placement.offload_transformer`` the main transformer waits on the offload device too (it
+  visits the device for each segment's denoising); ``placement.feed_forward_chunk`` is applied to it;
 * T5 (``placement.dtype``) waits on the offload device like the reference network; wav2vec2 runs
   in float32 on the device, as upstream; the vocal separator and the face analyser use ONNX
   Runtime with the CUDA provider when the device is a CUDA GPU and the installed onnxruntime has it.
@@ -35,6 +37,7 @@ from hallo3_worker.conditioning.face import FaceAnalyzer, onnx_providers
 from hallo3_worker.conditioning.image import CANVAS_SIZE
 from hallo3_worker.conditioning.separation import REQUIRED_METADATA, SeparationError, VocalSeparator
 from hallo3_worker.conditioning.text import T5TextEncoder
+from hallo3_worker.models.memory_savers import chunk_feed_forward
 from hallo3_worker.models.reference_net import ReferenceNet
 from hallo3_worker.models.transformer import Hallo3Transformer
 from hallo3_worker.pipeline import FaceAnalyzerLike, Hallo3Components, Hallo3Pipeline, InputLimits, Placement
@@ -86,12 +89,13 @@ def build_pipeline_from_weights(
     resting = placement.offload_device if placement.offload else device
     vae_dtype = dtype if vae_dtype is None else vae_dtype
     logger.info(
-        "loading Hallo3 from %s (%s) on %s as %s; T5 and the reference network wait on %s",
+        "loading Hallo3 from %s (%s) on %s as %s; T5 and the reference network wait on %s, the transformer on %s",
         location.root,
         location.source.replace("_", " "),
         device,
         hw.dtype_name(dtype),
         resting,
+        placement.offload_device if placement.offload_transformer else device,
     )
 
     with _timed(timings, "verify"):
@@ -100,7 +104,8 @@ def build_pipeline_from_weights(
 
     # One load per target device: the reference network may rest elsewhere than the rest.
     groups: dict[torch.device, list[str]] = {}
-    for name, target in ((hw.TRANSFORMER, device), (hw.VAE, device), (hw.REFERENCE_NET, resting)):
+    transformer_home = placement.offload_device if placement.offload_transformer else device
+    for name, target in ((hw.TRANSFORMER, transformer_home), (hw.VAE, device), (hw.REFERENCE_NET, resting)):
         groups.setdefault(target, []).append(name)
     parts: dict[str, Any] = {}
     for target, names in groups.items():
@@ -115,6 +120,8 @@ def build_pipeline_from_weights(
     reference_net: ReferenceNet = parts[hw.REFERENCE_NET]
     vae: Hallo3VAE = parts[hw.VAE]
     _check_canvas(location, canvas, transformer, reference_net, vae)
+    if placement.feed_forward_chunk is not None:
+        chunk_feed_forward(transformer, placement.feed_forward_chunk)
     if device.type == "cpu":
         from hallo3_worker.models.cpu_speedups import use_onednn_conv3d
 

@@ -25,9 +25,9 @@ Variables (all optional):
 ``HALLO3_CANCEL_GRACE_S``          How long a cancelled job may take to stop and clean up.
 ``HALLO3_DEVICE``                  Torch device name for the pipeline (``auto`` picks one).
 ``HALLO3_DTYPE``                   Torch dtype name for the pipeline (``auto`` picks one).
-``HALLO3_OFFLOAD``                 ``on``: the reference network and T5 wait in CPU memory between
-                                   jobs; ``off``: everything stays on the GPU; ``auto``: off when
-                                   the GPU has room for it, else on.
+``HALLO3_OFFLOAD``                 What waits in CPU memory between uses: ``off`` (nothing),
+                                   ``partial`` (reference network and T5), ``full`` (also the main
+                                   transformer), or ``auto``: the first that fits the GPU.
 ``HALLO3_LOG_LEVEL``               Log level, also applied to the Runpod SDK's logger (falls back to
                                    ``RUNPOD_LOG_LEVEL``, ``RUNPOD_DEBUG_LEVEL``, then INFO).
 ``BUCKET_ENDPOINT_URL``            S3-compatible endpoint for result upload (Runpod convention).
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-OFFLOAD_POLICIES = ("auto", "on", "off")
+OFFLOAD_POLICIES = ("auto", "off", "partial", "full")
 
 
 class SettingsError(ValueError):

@@ -34,6 +34,7 @@ from hallo3_worker.models.audio_proj import AudioProjConfig
 from hallo3_worker.models.cpu_speedups import use_onednn_conv3d
 from hallo3_worker.models.face_proj import FaceProjConfig
 from hallo3_worker.models.loading import build_on_meta, materialize_random
+from hallo3_worker.models.memory_savers import chunk_feed_forward
 from hallo3_worker.models.reference_net import ReferenceNet, ReferenceNetConfig
 from hallo3_worker.models.transformer import Hallo3Transformer, TransformerConfig
 from hallo3_worker.models.vae import TINY_VAE, Hallo3VAE, build_vae
@@ -120,8 +121,12 @@ def build_tiny_pipeline(
     assets_dir = Path(assets_dir)
     device, dtype = placement.device, placement.dtype
     transformer = materialize_random(
-        build_on_meta(lambda: Hallo3Transformer(tiny_transformer_config()), dtype), device, seed=seed
+        build_on_meta(lambda: Hallo3Transformer(tiny_transformer_config()), dtype),
+        placement.offload_device if placement.offload_transformer else device,
+        seed=seed,
     )
+    if placement.feed_forward_chunk is not None:
+        chunk_feed_forward(transformer, placement.feed_forward_chunk)
     reference_net = materialize_random(
         build_on_meta(lambda: ReferenceNet(tiny_reference_net_config()), dtype),
         placement.offload_device if placement.offload else device,

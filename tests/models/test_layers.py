@@ -58,3 +58,22 @@ def test_audio_projection_keeps_frame_zero_out_of_the_convolution() -> None:
         a, b = proj(x), proj(changed)
     torch.testing.assert_close(a[:, 0], b[:, 0], rtol=0, atol=0)  # latent frame 0 = pixel frame 0 only
     assert not torch.allclose(a[:, 1:], b[:, 1:])
+
+
+def test_a_shared_reference_equals_a_copy_per_sample() -> None:
+    """Batch-1 reference tokens serve both guided samples exactly like a doubled copy."""
+    from hallo3_worker.models import presets
+    from hallo3_worker.models.layers import SelfAttention
+
+    config = presets.golden_tiny_transformer()
+    torch.manual_seed(0)
+    attn = SelfAttention(config).eval()
+    n = 6
+    x = torch.randn(2, config.text_length + n, config.hidden_size)
+    cos, sin = torch.randn(n, config.head_dim), torch.randn(n, config.head_dim)
+    reference = torch.randn(1, 5, config.hidden_size)
+    with torch.no_grad():
+        shared = attn(x, config.text_length, (cos, sin), reference)
+        doubled = attn(x, config.text_length, (cos, sin), torch.cat([reference, reference]))
+    torch.testing.assert_close(shared, doubled, rtol=0, atol=1e-6)
+    assert shared.shape == x.shape

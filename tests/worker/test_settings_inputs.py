@@ -31,7 +31,7 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         "HALLO3_MAX_DURATION_S": "30",
         "HALLO3_MAX_IMAGE_BYTES": "1000",
         "HALLO3_DEVICE": "cpu",
-        "HALLO3_OFFLOAD": "ON",
+        "HALLO3_OFFLOAD": "Partial",
         "HALLO3_LOG_LEVEL": "debug",
         "RUNPOD_WEBHOOK_POST_OUTPUT": "https://example.invalid/post",
         "BUCKET_ENDPOINT_URL": "https://s3.example.com",
@@ -43,7 +43,7 @@ def test_values_are_parsed(tmp_path: Path) -> None:
     assert settings.work_dir == tmp_path and settings.volume_root == Path("/data")
     assert settings.max_duration_s == 30.0 and settings.max_image_bytes == 1000
     assert settings.device == "cpu" and settings.log_level == "DEBUG" and settings.on_platform
-    assert settings.offload == "on"
+    assert settings.offload == "partial"
     assert settings.bucket is not None and settings.bucket.bucket_name == "videos" and settings.bucket.prefix == "out"
     assert "very-secret" not in repr(settings)
 
@@ -57,7 +57,7 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         {"HALLO3_WORK_DIR": "relative/dir"},
         {"HALLO3_LOG_LEVEL": "LOUD"},
         {"HALLO3_VIDEO_CRF": "99"},
-        {"HALLO3_OFFLOAD": "sometimes"},
+        {"HALLO3_OFFLOAD": "on"},
     ],
 )
 def test_bad_values_fail_at_start_up(env: dict[str, str]) -> None:

@@ -193,7 +193,7 @@ class SelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         extra_kv_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, L+N, D); rope: cos, sin each (N, dh); extra_kv_tokens: (B, R, D) -> (B, L+N, D)."""
+        """x: (B, L+N, D); rope: cos, sin each (N, dh); extra_kv_tokens: (B or 1, R, D) -> (B, L+N, D)."""
         q = self.norm_q(split_heads(self.to_q(x), self.num_heads))  # (B, nh, L+N, dh)
         k = self.norm_k(split_heads(self.to_k(x), self.num_heads))
         v = split_heads(self.to_v(x), self.num_heads)
@@ -201,8 +201,11 @@ class SelfAttention(nn.Module):
         q = torch.cat([q[:, :, :text_length], apply_rotary(q[:, :, text_length:], cos, sin)], dim=2)
         k = torch.cat([k[:, :, :text_length], apply_rotary(k[:, :, text_length:], cos, sin)], dim=2)
         if extra_kv_tokens is not None:
-            k_extra = self.norm_k(split_heads(self.to_k(extra_kv_tokens), self.num_heads))  # (B, nh, R, dh)
+            k_extra = self.norm_k(split_heads(self.to_k(extra_kv_tokens), self.num_heads))  # (Be, nh, R, dh)
             v_extra = split_heads(self.to_v(extra_kv_tokens), self.num_heads)
+            if k_extra.shape[0] == 1 and k.shape[0] > 1:  # one set of tokens shared by the whole batch
+                k_extra = k_extra.expand(k.shape[0], -1, -1, -1)
+                v_extra = v_extra.expand(k.shape[0], -1, -1, -1)
             k = torch.cat([k, k_extra], dim=2)  # (B, nh, L+N+R, dh)
             v = torch.cat([v, v_extra], dim=2)
         return self.to_out(merge_heads(dispatch_attention(q, k, v)))

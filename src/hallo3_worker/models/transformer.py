@@ -94,7 +94,7 @@ class Hallo3Block(DiTBlock):
         face_tokens: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """text: (B, L, D); video: (B, N, D); emb: (B, E); rope: (N, dh) tables;
-        frame0_rope: (h*w, dh) tables; reference: (B, R, D); audio_tokens: (B*T, Ma, Da);
+        frame0_rope: (h*w, dh) tables; reference: (B or 1, R, D); audio_tokens: (B*T, Ma, Da);
         face_tokens: (B, Mf, Df). Returns updated (text, video)."""
         mod = self.modulation(emb)
         text_in, video_in = self.attention_input(text, video, mod)
@@ -175,7 +175,8 @@ class Hallo3Transformer(DiTBackbone):
         hidden_states: (B, T, C_in, H, W), the noisy latent concatenated on channels with the
             conditioning latent; timesteps: (B,) float; text: (B, L, text_dim);
         audio_tokens: (B, T, Ma, Da) and face_tokens: (B, Mf, Df) from :meth:`encode_conditions`;
-        reference: one (B, R, D) tensor per block, from the reference network.
+        reference: one (B, R, D) tensor per block, from the reference network; with batch 1 the
+            same tokens serve every sample (the guided batch shares one reference image).
         Returns (B, T, C_out, H, W) in the weights' dtype.
         """
         c = self.config

@@ -18,6 +18,8 @@ from hallo3_worker.settings import Settings
 if TYPE_CHECKING:
     import torch
 
+    from hallo3_worker.pipeline import Placement
+
 logger = logging.getLogger(__name__)
 
 TINY_MODEL_WARNING = (
@@ -81,32 +83,48 @@ def resolve_offload(
     device: torch.device,
     *,
     memory_info: Callable[[int], tuple[int, int, str] | None] | None = None,
-) -> bool:
-    """Whether the reference network and T5 wait in CPU memory between jobs (``HALLO3_OFFLOAD``).
+) -> str:
+    """The offload policy to run with (``HALLO3_OFFLOAD``): ``off``, ``partial`` or ``full``.
 
-    ``on``/``off`` are taken as given. ``auto`` keeps everything on a CUDA GPU whose free memory
-    covers the estimated peak without offloading (:func:`hallo3_worker.fitness.estimate_gpu_bytes`),
-    and offloads otherwise; on the CPU there is nothing to offload. ``memory_info(index)`` returns
-    (free, total, name) and defaults to the CUDA driver's numbers.
+    An explicit policy is taken as given. ``auto`` picks, on a CUDA GPU, the first of ``off``,
+    ``partial``, ``full`` whose estimated peak (:func:`hallo3_worker.fitness.estimate_gpu_bytes`)
+    fits the free memory, and ``full`` when none does; on the CPU there is nothing to offload
+    (``off``); other accelerators, whose free memory is not read, get ``partial``.
+    ``memory_info(index)`` returns (free, total, name) and defaults to the CUDA driver's numbers.
     """
     if settings.offload != "auto":
-        return settings.offload == "on"
+        return settings.offload
     if device.type == "cpu":
-        return False
+        return "off"
     if device.type != "cuda":
-        return True
+        return "partial"
     from hallo3_worker import fitness
 
     info = (memory_info or fitness.cuda_memory)(device.index if device.index is not None else 0)
-    needed = fitness.estimate_gpu_bytes(offload=False)
-    offload = info is None or info[0] < needed
+    free = info[0] if info is not None else 0
+    needs = {policy: fitness.estimate_gpu_bytes(policy) for policy in fitness.OFFLOAD_POLICIES}
+    policy = next((p for p in fitness.OFFLOAD_POLICIES if needs[p] <= free), fitness.OFFLOAD_POLICIES[-1])
     logger.info(
-        "HALLO3_OFFLOAD=auto: %s (%.1f GiB free, about %.1f GiB needed to keep everything on the GPU)",
-        "offloading the reference network and T5 between jobs" if offload else "keeping every network on the GPU",
-        (info[0] if info else 0) / fitness.GIB,
-        needed / fitness.GIB,
+        "HALLO3_OFFLOAD=auto chose %s: %.1f GiB free; estimated peaks %s",
+        policy,
+        free / fitness.GIB,
+        ", ".join(f"{p} {needs[p] / fitness.GIB:.1f} GiB" for p in fitness.OFFLOAD_POLICIES),
     )
-    return offload
+    return policy
+
+
+def placement_for(device: torch.device, dtype: torch.dtype, policy: str) -> Placement:
+    """The :class:`~hallo3_worker.pipeline.Placement` that carries out an offload policy."""
+    from hallo3_worker.fitness import FULL_OFFLOAD_FEED_FORWARD_CHUNK
+    from hallo3_worker.pipeline import Placement
+
+    return Placement(
+        device=device,
+        dtype=dtype,
+        offload=policy != "off",
+        offload_transformer=policy == "full",
+        feed_forward_chunk=FULL_OFFLOAD_FEED_FORWARD_CHUNK if policy == "full" else None,
+    )
 
 
 def load_pipeline(settings: Settings) -> TalkingHeadPipeline:
@@ -119,10 +137,10 @@ def load_pipeline(settings: Settings) -> TalkingHeadPipeline:
     missing, incomplete or corrupt weights raise :class:`~hallo3_worker.weights.WeightsError`
     naming the file, so the worker stops at start-up instead of serving something else.
     """
-    from hallo3_worker.pipeline import InputLimits, Placement
+    from hallo3_worker.pipeline import InputLimits
 
     device = resolve_device(settings)
-    placement = Placement(device=device, dtype=resolve_dtype(settings, device), offload=resolve_offload(settings, device))
+    placement = placement_for(device, resolve_dtype(settings, device), resolve_offload(settings, device))
     limits = InputLimits(
         min_image_side=settings.min_image_side,
         max_image_pixels=settings.max_image_pixels,
@@ -167,7 +185,7 @@ def startup_fitness_checks(settings: Settings, device: torch.device | None = Non
     config = FitnessConfig(
         weights_dir=settings.weights_dir,
         require_cuda=wants_gpu,
-        offload=settings.offload != "off",  # auto needs at least what offloading needs
+        offload="full" if settings.offload == "auto" else settings.offload,  # auto needs at least what full needs
         device_index=device.index if device.index is not None else 0,
     )
     checks = fitness_checks(config)
