@@ -111,3 +111,20 @@ def test_device_peak_memory_is_none_without_an_accelerator_allocator() -> None:
     with device_peak_memory(torch.device("cpu")) as peak:
         torch.ones(1000).sum()
     assert peak.bytes is None
+
+
+def test_device_peak_memory_resets_at_entry_and_reads_at_exit(monkeypatch) -> None:
+    from hallo3_worker.memory import device_peak_memory
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    monkeypatch.setattr(torch.accelerator, "reset_peak_memory_stats", lambda index: calls.append(f"reset {index}"))
+    monkeypatch.setattr(torch.accelerator, "max_memory_allocated", lambda index: calls.append(f"read {index}") or 123)
+    with device_peak_memory(torch.device("cuda", 1)) as peak:
+        assert calls == ["reset 1"] and peak.bytes is None
+    assert calls == ["reset 1", "read 1"] and peak.bytes == 123
+    with device_peak_memory(torch.device("cuda")) as peak:
+        pass
+    assert calls[-1] == "read 0" and peak.bytes == 123

@@ -34,6 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 GIB = 1024**3
 
 
+@dataclasses.dataclass
 class PeakMemory:
     """The measured peak of the device's allocator over a block (see :func:`device_peak_memory`)."""
 
@@ -50,8 +51,9 @@ def device_peak_memory(device: torch.device) -> Iterator[PeakMemory]:
     peak = PeakMemory()
     accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     measured = device.type != "cpu" and accelerator is not None and accelerator.type == device.type
-    index = device.index if device.index is not None else torch.accelerator.current_device_index() if measured else 0
+    index = 0
     if measured:
+        index = device.index if device.index is not None else torch.accelerator.current_device_index()
         torch.accelerator.reset_peak_memory_stats(index)
     yield peak
     if measured:
