@@ -77,6 +77,7 @@ from hallo3_worker.interface import (
 )
 from hallo3_worker.memory import device_peak_memory
 from hallo3_worker.models.loading import replace_tensors
+from hallo3_worker.models.memory_savers import chunk_feed_forward
 from hallo3_worker.models.reference_net import ReferenceNet
 from hallo3_worker.models.transformer import Hallo3Transformer
 from hallo3_worker.models.vae import Hallo3VAE
@@ -145,8 +146,8 @@ class Placement:
     between jobs and visit ``device`` only while they run. With ``offload_transformer`` the main
     transformer waits there too and visits ``device`` for each segment's denoising only, so the
     VAE decode and the once-per-job networks never share the device with it.
-    ``feed_forward_chunk``: run the transformer's MLPs that many tokens at a time
-    (:func:`hallo3_worker.models.memory_savers.chunk_feed_forward`); None runs them whole.
+    ``feed_forward_chunk``: the pipeline makes the transformer's MLPs run that many tokens at a
+    time (:func:`hallo3_worker.models.memory_savers.chunk_feed_forward`); None runs them whole.
     """
 
     device: torch.device = torch.device("cpu")
@@ -155,6 +156,16 @@ class Placement:
     offload: bool = True
     offload_transformer: bool = False
     feed_forward_chunk: int | None = None
+
+    @property
+    def job_network_device(self) -> torch.device:
+        """Where the once-per-job networks (T5, reference network) are loaded and wait."""
+        return self.offload_device if self.offload else self.device
+
+    @property
+    def transformer_device(self) -> torch.device:
+        """Where the main transformer is loaded and waits."""
+        return self.offload_device if self.offload_transformer else self.device
 
 
 @dataclasses.dataclass
@@ -201,6 +212,8 @@ class Hallo3Pipeline:
     ) -> None:
         self.components = components
         self.placement = placement
+        if components is not None and placement.feed_forward_chunk is not None:
+            chunk_feed_forward(components.transformer, placement.feed_forward_chunk)
         self.is_tiny = is_tiny
         self.canvas = canvas
         self.output_canvas = output_canvas

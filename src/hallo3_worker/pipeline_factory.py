@@ -12,7 +12,7 @@
   bf16); networks are built on ``meta`` and filled tensor by tensor in their target dtype on their
   target device, so no throwaway float32 copy of a network is ever made;
 * with ``placement.offload_transformer`` the main transformer waits on the offload device too (it
-  visits the device for each segment's denoising); ``placement.feed_forward_chunk`` is applied to it;
+  visits the device for each segment's denoising);
 * T5 (``placement.dtype``) waits on the offload device like the reference network; wav2vec2 runs
   in float32 on the device, as upstream; the vocal separator and the face analyser use ONNX
   Runtime with the CUDA provider when the device is a CUDA GPU and the installed onnxruntime has it.
@@ -37,7 +37,6 @@ from hallo3_worker.conditioning.face import FaceAnalyzer, onnx_providers
 from hallo3_worker.conditioning.image import CANVAS_SIZE
 from hallo3_worker.conditioning.separation import REQUIRED_METADATA, SeparationError, VocalSeparator
 from hallo3_worker.conditioning.text import T5TextEncoder
-from hallo3_worker.models.memory_savers import chunk_feed_forward
 from hallo3_worker.models.reference_net import ReferenceNet
 from hallo3_worker.models.transformer import Hallo3Transformer
 from hallo3_worker.pipeline import FaceAnalyzerLike, Hallo3Components, Hallo3Pipeline, InputLimits, Placement
@@ -86,7 +85,7 @@ def build_pipeline_from_weights(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     device, dtype = placement.device, placement.dtype
-    resting = placement.offload_device if placement.offload else device
+    resting = placement.job_network_device
     vae_dtype = dtype if vae_dtype is None else vae_dtype
     logger.info(
         "loading Hallo3 from %s (%s) on %s as %s; T5 and the reference network wait on %s, the transformer on %s",
@@ -95,7 +94,7 @@ def build_pipeline_from_weights(
         device,
         hw.dtype_name(dtype),
         resting,
-        placement.offload_device if placement.offload_transformer else device,
+        placement.transformer_device,
     )
 
     with _timed(timings, "verify"):
@@ -104,8 +103,7 @@ def build_pipeline_from_weights(
 
     # One load per target device: the reference network may rest elsewhere than the rest.
     groups: dict[torch.device, list[str]] = {}
-    transformer_home = placement.offload_device if placement.offload_transformer else device
-    for name, target in ((hw.TRANSFORMER, transformer_home), (hw.VAE, device), (hw.REFERENCE_NET, resting)):
+    for name, target in ((hw.TRANSFORMER, placement.transformer_device), (hw.VAE, device), (hw.REFERENCE_NET, resting)):
         groups.setdefault(target, []).append(name)
     parts: dict[str, Any] = {}
     for target, names in groups.items():
@@ -120,8 +118,6 @@ def build_pipeline_from_weights(
     reference_net: ReferenceNet = parts[hw.REFERENCE_NET]
     vae: Hallo3VAE = parts[hw.VAE]
     _check_canvas(location, canvas, transformer, reference_net, vae)
-    if placement.feed_forward_chunk is not None:
-        chunk_feed_forward(transformer, placement.feed_forward_chunk)
     if device.type == "cpu":
         from hallo3_worker.models.cpu_speedups import use_onednn_conv3d
 

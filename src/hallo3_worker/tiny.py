@@ -34,7 +34,6 @@ from hallo3_worker.models.audio_proj import AudioProjConfig
 from hallo3_worker.models.cpu_speedups import use_onednn_conv3d
 from hallo3_worker.models.face_proj import FaceProjConfig
 from hallo3_worker.models.loading import build_on_meta, materialize_random
-from hallo3_worker.models.memory_savers import chunk_feed_forward
 from hallo3_worker.models.reference_net import ReferenceNet, ReferenceNetConfig
 from hallo3_worker.models.transformer import Hallo3Transformer, TransformerConfig
 from hallo3_worker.models.vae import TINY_VAE, Hallo3VAE, build_vae
@@ -122,23 +121,20 @@ def build_tiny_pipeline(
     device, dtype = placement.device, placement.dtype
     transformer = materialize_random(
         build_on_meta(lambda: Hallo3Transformer(tiny_transformer_config()), dtype),
-        placement.offload_device if placement.offload_transformer else device,
+        placement.transformer_device,
         seed=seed,
     )
-    if placement.feed_forward_chunk is not None:
-        chunk_feed_forward(transformer, placement.feed_forward_chunk)
     reference_net = materialize_random(
         build_on_meta(lambda: ReferenceNet(tiny_reference_net_config()), dtype),
-        placement.offload_device if placement.offload else device,
+        placement.job_network_device,
         seed=seed + 1,
     )
     torch.manual_seed(seed)  # diffusers initialises the VAE from the global generator
     vae = Hallo3VAE(build_vae(TINY_VAE, dtype=dtype, device=device), TINY_VAE.scaling_factor)
     if device.type == "cpu":
         use_onednn_conv3d(vae.vae)
-    text_device = placement.offload_device if placement.offload else device
     text_encoder = T5TextEncoder.from_pretrained(
-        build_tiny_t5(assets_dir / "t5", seed=seed), device=text_device, dtype=dtype
+        build_tiny_t5(assets_dir / "t5", seed=seed), device=placement.job_network_device, dtype=dtype
     )
     audio_encoder = Wav2VecEncoder.from_pretrained(
         build_tiny_wav2vec2(assets_dir / "wav2vec2", seed=seed), device=device
