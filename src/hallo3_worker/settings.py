@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-OFFLOAD_POLICIES = ("auto", "off", "partial", "full")
+#: HALLO3_OFFLOAD values: "auto" or one of hallo3_worker.fitness.OFFLOAD_POLICIES.
+OFFLOAD_CHOICES = ("auto", "off", "partial", "full")
 
 
 class SettingsError(ValueError):
@@ -113,7 +114,7 @@ class Settings:
         _require(self.download_timeout_s > 0, "HALLO3_DOWNLOAD_TIMEOUT_S must be positive")
         _require(0 <= self.video_crf <= 51, "HALLO3_VIDEO_CRF must be between 0 and 51")
         _require(self.cancel_grace_s >= 0, "HALLO3_CANCEL_GRACE_S must be >= 0")
-        _require(self.offload in OFFLOAD_POLICIES, f"HALLO3_OFFLOAD must be one of {', '.join(OFFLOAD_POLICIES)}")
+        _require(self.offload in OFFLOAD_CHOICES, f"HALLO3_OFFLOAD must be one of {', '.join(OFFLOAD_CHOICES)}")
         _require(self.log_level in _LOG_LEVELS, f"log level must be one of {', '.join(_LOG_LEVELS)}")
         _require(self.work_dir.is_absolute(), "HALLO3_WORK_DIR must be an absolute path")
         _require(self.volume_root.is_absolute(), "HALLO3_VOLUME_ROOT must be an absolute path")

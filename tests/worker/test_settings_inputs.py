@@ -138,3 +138,10 @@ def test_base64_forms(tmp_path: Path) -> None:
         with pytest.raises(InputError) as info:
             _fetch(bad, tmp_path, tmp_path)
         assert info.value.code is code
+
+
+def test_offload_choices_are_auto_plus_the_fitness_policies() -> None:
+    from hallo3_worker import fitness
+    from hallo3_worker.settings import OFFLOAD_CHOICES
+
+    assert OFFLOAD_CHOICES == ("auto", *fitness.OFFLOAD_POLICIES)
