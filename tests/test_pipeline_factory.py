@@ -4,7 +4,6 @@ checks, on a tiny weights folder in the real layout. CPU only."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import shutil
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import tiny_weights as tw
 import torch
 
 from hallo3_worker import fitness, pipeline_factory
@@ -30,13 +30,6 @@ from hallo3_worker.worker import runtime
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT / "tests" / "assets"
-_HELPER = REPO_ROOT / "tests" / "builder" / "tiny_weights.py"
-_spec = importlib.util.spec_from_file_location("tiny_weights", _HELPER)
-assert _spec is not None and _spec.loader is not None
-tw = sys.modules.get("tiny_weights") or importlib.util.module_from_spec(_spec)
-if "tiny_weights" not in sys.modules:
-    sys.modules["tiny_weights"] = tw
-    _spec.loader.exec_module(tw)
 
 CPU = torch.device("cpu")
 PLACEMENT = Placement(device=CPU, dtype=torch.float32, offload_device=CPU, offload=True)

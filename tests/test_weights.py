@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+import tiny_weights as tw
 
 from hallo3_worker import fitness
 from hallo3_worker import weights as hw
 from hallo3_worker.models import presets
 
-_HELPER = Path(__file__).resolve().parent / "builder" / "tiny_weights.py"
-_spec = importlib.util.spec_from_file_location("tiny_weights", _HELPER)
-assert _spec is not None and _spec.loader is not None
-tw = sys.modules.get("tiny_weights") or importlib.util.module_from_spec(_spec)
-if "tiny_weights" not in sys.modules:
-    sys.modules["tiny_weights"] = tw
-    _spec.loader.exec_module(tw)
 convert_weights = tw.builder_module("convert_weights")
 
 TINY_CONFIGS = dict(

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_weights as tw
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -16,8 +17,6 @@ from hallo3_worker.models import checkpoint as ck
 from hallo3_worker.models import presets
 from hallo3_worker.models.loading import load_converted
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_weights as tw  # noqa: E402
 
 convert_weights = tw.builder_module("convert_weights")
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tiny_weights as tw
 
 from hallo3_worker import weights as hw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_weights as tw  # noqa: E402
 
 dw = tw.builder_module("download_weights")
 
