@@ -15,6 +15,7 @@ import tiny_weights as tw
 
 from hallo3_worker import fitness
 from hallo3_worker import weights as hw
+from hallo3_worker.models import checkpoint as ck
 from hallo3_worker.models import presets
 
 convert_weights = tw.builder_module("convert_weights")
@@ -285,7 +286,7 @@ def test_wrong_shape_tensor(scratch: Path) -> None:
         hw.load_networks(_explicit(scratch), device="cpu", verify_hashes=True)
     message = str(info.value)
     assert str(path) in message and "wrong shape" in message and key in message
-    assert isinstance(info.value, hw.ck.CheckpointError)
+    assert isinstance(info.value, ck.CheckpointError)
 
 
 def test_truncated_upstream_checkpoint(tmp_path: Path) -> None:

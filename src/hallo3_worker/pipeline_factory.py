@@ -164,7 +164,7 @@ def aux_files(location: hw.WeightsLocation, *, face: bool = True) -> list[str]:
     The T5 and wav2vec2 weights (whatever sharding they have), the vocal separator's model and
     metadata, and, with ``face``, the face-analysis models.
     """
-    files = hw._aux_files(location.root)  # noqa: SLF001 - the one definition of the aux file list
+    files = hw.verify._aux_files(location.root)  # noqa: SLF001 - the one definition of the aux file list
     files += [f"{hw.AUDIO_SEPARATOR_DIR}/{name}" for name in REQUIRED_METADATA]
     if not face:
         files = [rel for rel in files if not rel.startswith(_FACE_PREFIX)]
@@ -181,7 +181,7 @@ def check_aux_files(location: hw.WeightsLocation, *, check_hashes: bool = False,
         path = location.path(rel)
         size = hw.check_file(path)
         if check_hashes:
-            expected = hw._hf_blob_sha256(path)  # noqa: SLF001 - Hugging Face cache blobs carry their hash
+            expected = hw.verify._hf_blob_sha256(path)  # noqa: SLF001 - Hugging Face cache blobs carry their hash
             if expected is not None:
                 hw.check_file(path, size, expected)
         total += size
