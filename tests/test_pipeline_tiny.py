@@ -10,10 +10,13 @@ from pathlib import Path
 
 import av
 import numpy as np
+import PIL.Image
 import pytest
 import soundfile as sf
+from media_files import write_multichannel
 from PIL import Image
 
+from hallo3_worker.conditioning.decode import decode_audio
 from hallo3_worker.errors import ErrorCode, InputError
 from hallo3_worker.interface import Cancelled, GenerationRequest
 from hallo3_worker.settings import Settings
@@ -72,7 +75,8 @@ def test_segments_frames_and_reference_reuse(pipeline, speech_2_5s: Path, tmp_pa
     try:
         request = _request(ASSETS / "face.jpg", speech_2_5s, tmp_path, steps=3)
         job = pipeline.prepare(request)
-        result = pipeline.generate(job)
+        handed_on: list[tuple[int, int, np.ndarray]] = []  # (segment, transformer calls so far, frames)
+        result = pipeline.generate(job, on_frames=lambda i, frames: handed_on.append((i, denoiser.calls, frames)))
     finally:
         for hook in hooks:
             hook.remove()
@@ -80,8 +84,12 @@ def test_segments_frames_and_reference_reuse(pipeline, speech_2_5s: Path, tmp_pa
     frames = math.ceil(2.5 * 25)  # 63
     segments = math.ceil(frames / 47)  # 2 (upstream would run 3: it pads 63 frames to 98 first)
     assert job.num_frames == frames
-    assert result.frames.shape == (frames, 480, 480, 3)  # square input -> 480x480 output
-    assert result.frames.dtype == np.uint8 and result.fps == 25
+    # Each segment's frames are handed on as soon as it is decoded, before the next segment denoises.
+    assert [(i, calls, f.shape) for i, calls, f in handed_on] == [(0, 3, (47, 480, 480, 3)), (1, 6, (16, 480, 480, 3))]
+    assert result.frames.shape[0] == 0  # handed on, not kept
+    video = np.concatenate([f for _, _, f in handed_on])
+    assert video.shape == (frames, 480, 480, 3)  # square input -> 480x480 output
+    assert video.dtype == np.uint8 and result.fps == 25
     assert denoiser.calls == segments * 3  # one batched CFG forward per step per segment
     assert reference.calls == 1  # the reference network runs once per job
     # Vocal separation writes only into the job's folder.
@@ -89,12 +97,14 @@ def test_segments_frames_and_reference_reuse(pipeline, speech_2_5s: Path, tmp_pa
 
 
 def test_same_seed_same_frames_other_seed_differs(pipeline, speech_1s: Path, tmp_path: Path) -> None:
-    def frames(seed: int) -> np.ndarray:
+    def frames(seed: int, **kwargs) -> np.ndarray:
         request = _request(ASSETS / "face.jpg", speech_1s, tmp_path, seed=seed, separate_vocals=False)
-        return pipeline.generate(pipeline.prepare(request)).frames
+        return pipeline.generate(pipeline.prepare(request), **kwargs).frames
 
     first = frames(5)
-    assert np.array_equal(first, frames(5))
+    handed_on: list[np.ndarray] = []
+    frames(5, on_frames=lambda segment, video: handed_on.append(video))
+    assert np.array_equal(first, np.concatenate(handed_on))  # the same frames, kept or handed on
     assert not np.array_equal(first, frames(6))
 
 
@@ -137,6 +147,71 @@ def test_worker_job_on_the_tiny_model_gives_a_muxed_mp4(pipeline, speech_2_5s: P
     assert decoded == 63
     assert abs(audio_s - 2.5) <= 1 / 25
     assert list((tmp_path / "work").iterdir()) == []  # the job folder is gone
+
+
+def _run_worker(pipeline, tmp_path: Path, audio: Path, **fields) -> dict:
+    worker = Worker(Settings(work_dir=tmp_path / "work", min_duration_s=0.5), pipeline)
+    job = {"id": "tiny-media", "input": {"image": base64.b64encode((ASSETS / "face.jpg").read_bytes()).decode(),
+                                         "audio": base64.b64encode(audio.read_bytes()).decode(), "steps": 2, **fields}}
+    return worker.run(job)
+
+
+AUDIO_FORMATS = {  # file name -> how write_multichannel writes it (0.8 s of speech)
+    "3ch.wav": dict(channels=3),
+    "4ch.wav": dict(channels=4),
+    "6ch.wav": dict(channels=6),
+    "8ch.wav": dict(channels=8),
+    "pcm24.wav": dict(channels=2, subtype="PCM_24", rate=44_100),
+    "float32.wav": dict(channels=1, subtype="FLOAT", rate=22_050),
+    "51.flac": dict(channels=6, layout="5.1(side)", codec="flac", rate=48_000),
+    "51.opus": dict(channels=6, layout="5.1", codec="libopus", rate=48_000),
+}
+
+
+@pytest.mark.parametrize("name", list(AUDIO_FORMATS))
+def test_audio_formats_and_channel_counts_go_through_the_whole_pipeline(pipeline, tmp_path: Path, name: str) -> None:
+    """Vocal separation (audio-separator with a stand-in model), wav2vec2 and the mux see at most two channels."""
+    audio = write_multichannel(tmp_path / name, seconds=0.8, **AUDIO_FORMATS[name])
+    result = _run_worker(pipeline, tmp_path, audio)
+    assert "error" not in result, result
+    duration = decode_audio(audio).duration_s
+    assert result["frames"] == math.ceil(duration * 25) and result["has_audio"]
+    with av.open(io.BytesIO(base64.b64decode(result["video"]))) as container:
+        assert sum(1 for _ in container.decode(video=0)) == result["frames"]
+        stream = container.streams.audio[0]
+        assert stream.codec_context.channels == (1 if AUDIO_FORMATS[name]["channels"] == 1 else 2)
+        assert abs(float(stream.duration * stream.time_base) - duration) <= 1 / 25 + 0.03  # AAC priming
+    if AUDIO_FORMATS[name]["channels"] > 2:
+        assert any("mixed down to stereo" in warning for warning in result["warnings"])
+
+
+def test_audio_without_a_channel_layout_fails_before_generation(pipeline, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(pipeline, "generate", lambda *a, **k: pytest.fail("generation started"))
+    result = _run_worker(pipeline, tmp_path, write_multichannel(tmp_path / "9ch.wav", 9, seconds=0.8))
+    assert result["error_code"] == ErrorCode.AUDIO_LAYOUT_UNSUPPORTED.value and "9 channels" in result["error"]
+
+
+def test_each_input_is_decoded_once_per_job(pipeline, tmp_path: Path, monkeypatch) -> None:
+    audio = write_multichannel(tmp_path / "speech.wav", 1, seconds=0.8)
+    opened: list[str] = []
+
+    def counting(opener):
+        def wrapper(*args, **kwargs):
+            source = args[1] if opener is soundfile_init else args[0]
+            opened.append(Path(str(source)).name if isinstance(source, (str, Path)) else "<stream>")
+            return opener(*args, **kwargs)
+        return wrapper
+
+    soundfile_init = sf.SoundFile.__init__  # librosa and audio-separator read through it
+    monkeypatch.setattr(sf.SoundFile, "__init__", counting(soundfile_init))
+    monkeypatch.setattr(av, "open", counting(av.open))
+    monkeypatch.setattr(PIL.Image, "open", counting(PIL.Image.open))
+    result = _run_worker(pipeline, tmp_path, audio)
+    assert "error" not in result, result
+    assert opened.count("image.bin") == 1 and opened.count("audio.bin") == 1, opened
+    # the other files opened are the job's own: the separator's input copy and its vocals output
+    others = {name for name in opened if name not in ("image.bin", "audio.bin") and "vocals.wav" not in name}
+    assert others <= {"separator_input.wav", "output.mp4"}, opened
 
 
 def test_offloaded_networks_visit_the_compute_device_only_while_they_run() -> None:

@@ -4,8 +4,8 @@ The worker (``hallo3_worker.worker``) only talks to a pipeline through :class:`T
 Generation is split in two phases so that every problem with the user's media is found before any
 GPU work:
 
-1. :meth:`TalkingHeadPipeline.prepare` runs on the CPU: decodes the image and audio, checks
-   durations, finds the face. It raises :class:`hallo3_worker.errors.InputError` for bad media.
+1. :meth:`TalkingHeadPipeline.prepare` runs on the CPU: takes the decoded image and audio (or
+   decodes them), finds the face. It raises :class:`hallo3_worker.errors.InputError` for bad media.
 2. :meth:`TalkingHeadPipeline.generate` runs the networks. It reports progress through a callback
    and checks a cancel event between segments (raising :class:`Cancelled`).
 """
@@ -30,6 +30,59 @@ class Framing(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    """``rgb``: uint8 (H, W, 3), upright. ``format``/``mode``: Pillow's names for the source."""
+
+    rgb: np.ndarray
+    format: str
+    mode: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedAudio:
+    """Decoded audio at its own sample rate.
+
+    ``samples`` is float32 in [-1, 1] with shape (channels, num_samples), channels 1 or 2 (more are
+    mixed down). ``source_channels``/``layout`` describe the file; ``complete`` is False when
+    decoding stopped at a length limit.
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    codec: str = ""
+    source_channels: int = 0
+    layout: str = ""
+    layout_assumed: bool = False
+    complete: bool = True
+
+    @property
+    def channels(self) -> int:
+        return int(self.samples.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.samples.shape[1])
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_samples / self.sample_rate
+
+    def mono(self) -> np.ndarray:
+        """Channel average as librosa computes it (float32 mean over channels), shape (num_samples,)."""
+        return np.mean(self.samples, axis=0, dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedInputs:
+    """A job's checked media (:func:`hallo3_worker.conditioning.decode.decode_inputs`): the portrait, the
+    speech (cut to the job's length) and warnings."""
+
+    image: DecodedImage
+    audio: DecodedAudio
+    warnings: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationRequest:
     """Everything a job asks for, already validated for type and range by the schema."""
 
@@ -44,6 +97,8 @@ class GenerationRequest:
     max_duration_s: float | None = None
     # The job's private folder: the only place the pipeline may write files (e.g. separated vocals).
     work_dir: Path | None = None
+    # The files as decoded and checked by the worker; a pipeline decodes the paths itself only without it.
+    inputs: DecodedInputs | None = None
 
 
 @dataclasses.dataclass

@@ -89,9 +89,6 @@ class TensorMemoryTracker(TorchDispatchMode):
                     added += self._add(tensor)
         return added
 
-    def reset_peak(self) -> None:
-        self.peak = self.current
-
     def _add(self, tensor: torch.Tensor) -> int:
         storage = tensor.untyped_storage()
         if storage in self._sizes:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import tempfile
@@ -42,30 +43,20 @@ import torch
 from torch import nn
 
 from hallo3_worker.conditioning.audio import (
-    CLIP_FRAMES,
     FPS,
     MOTION_FRAMES,
-    NEW_FRAMES_PER_SEGMENT,
-    DecodedAudio,
+    AudioFeatures,
     VocalSeparatorLike,
     Wav2VecEncoder,
-    decode_audio,
     num_segments,
     segment_audio_chunk,
     speech_to_16k,
 )
+from hallo3_worker.conditioning.decode import InputLimits, decode_inputs
 from hallo3_worker.conditioning.face import FaceAnalysisResult
-from hallo3_worker.conditioning.image import (
-    CANVAS_SIZE,
-    MIN_IMAGE_SIDE,
-    ProcessedImage,
-    crop_output_frames,
-    load_image,
-    preprocess_image,
-)
+from hallo3_worker.conditioning.image import CANVAS_SIZE, ProcessedImage, crop_output_frames, preprocess_image
 from hallo3_worker.conditioning.text import T5TextEncoder
 from hallo3_worker.denoiser import SegmentConditions, guidance_model_fn
-from hallo3_worker.errors import ErrorCode, InputError
 from hallo3_worker.interface import (
     Framing,
     GenerationRequest,
@@ -181,22 +172,41 @@ class Hallo3Components:
     separator: VocalSeparatorLike | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class InputLimits:
-    """CPU-side checks of ``prepare``; the worker passes its settings here."""
+#: Receives each segment's output frames, RGB uint8 (n, H, W, 3), as soon as they are decoded.
+FrameSink = Callable[[int, np.ndarray], None]
 
-    min_image_side: int = MIN_IMAGE_SIDE
-    max_image_pixels: int = 40_000_000
-    max_duration_s: float = 60.0
-    min_duration_s: float = 0.2
-    silence_dbfs: float = -60.0
+
+@dataclasses.dataclass
+class JobConditions:
+    """What every segment of one job shares; made once per job by :meth:`Hallo3Pipeline.condition_job`.
+
+    ``text`` (1, L, text_dim), ``face`` (1, 512) and ``image`` (1, 3, 1, H, W, frame 0 of every
+    motion clip, model dtype) are on the compute device; ``reference`` holds one (1, R, D) per block.
+    """
+
+    features: AudioFeatures
+    text: torch.Tensor
+    face: torch.Tensor
+    image: torch.Tensor
+    reference: list[torch.Tensor]
+    plan_crop: tuple[int, int, int, int]  # (top, left, height, width) of the canvas the video keeps
+    output_size: tuple[int, int]  # (height, width) of the output video
+    sampler: SamplerConfig
+
+    @property
+    def num_segments(self) -> int:
+        return num_segments(self.features.audio_length)
+
+    @functools.cached_property
+    def schedule(self) -> Schedule:
+        return Schedule.create(self.sampler)
 
 
 class Hallo3Pipeline:
     """Implements :class:`hallo3_worker.interface.TalkingHeadPipeline` with the Hallo3 networks.
 
     ``canvas`` is the model's (height, width) input size: the real model's 480x720, or a smaller
-    one for the tiny model, whose frames are then resized to the real output size (``output_scale``).
+    one for the tiny model, whose frames are then resized to the real output size (``output_canvas``).
     """
 
     def __init__(
@@ -225,38 +235,26 @@ class Hallo3Pipeline:
     # ------------------------------------------------------------------------------- prepare
 
     def prepare(self, request: GenerationRequest) -> PreparedJob:
-        """Decode the image and audio, find the face, preprocess the image. CPU only (plus ONNX face models)."""
-        lim = self.limits
-        image = load_image(request.image_path, min_side=lim.min_image_side, max_pixels=lim.max_image_pixels)
+        """Find the face and preprocess the image. CPU only (plus the ONNX face models).
+
+        Uses the media the worker decoded (``request.inputs``), or decodes and checks the files.
+        """
+        inputs = request.inputs or decode_inputs(request.image_path, request.audio_path, self.limits,
+                                                 request.max_duration_s)
+        image = inputs.image.rgb
         face = self.components.face_analyzer.analyze(image, framing=request.framing)
         processed = preprocess_image(image, face.mask, framing=request.framing, canvas=self.canvas)
-
-        audio = decode_audio(request.audio_path, silence_dbfs=lim.silence_dbfs)
-        warnings: list[str] = []
-        cap = lim.max_duration_s if request.max_duration_s is None else min(request.max_duration_s, lim.max_duration_s)
-        if audio.duration_s > cap + 1e-9:
-            if request.max_duration_s is None:
-                raise InputError(
-                    ErrorCode.AUDIO_TOO_LONG, f"The audio is longer than the {lim.max_duration_s:g} s limit."
-                )
-            audio = dataclasses.replace(audio, samples=audio.samples[:, : int(round(cap * audio.sample_rate))])
-            warnings.append(f"The audio was cut to its first {cap:g} s (max_duration_s).")
-        if audio.duration_s < lim.min_duration_s:
-            raise InputError(
-                ErrorCode.AUDIO_TOO_SHORT, f"The audio lasts {audio.duration_s:.2f} s; at least {lim.min_duration_s:g} s is needed."
-            )
-
         top, left, height, width = processed.plan.output_crop
         out_h, out_w = self._output_size(height, width)
         return PreparedJob(
             request=request,
-            audio_duration_s=audio.duration_s,
-            num_frames=math.ceil(audio.duration_s * FPS),
+            audio_duration_s=inputs.audio.duration_s,
+            num_frames=math.ceil(inputs.audio.duration_s * FPS),
             fps=FPS,
             width=out_w,
             height=out_h,
-            warnings=warnings,
-            data={"audio": audio, "face": face, "image": processed},
+            warnings=list(inputs.warnings),
+            data={"audio": inputs.audio, "face": face, "image": processed},
         )
 
     def _output_size(self, crop_h: int, crop_w: int) -> tuple[int, int]:
@@ -273,39 +271,59 @@ class Hallo3Pipeline:
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         noise: NoiseSource | None = None,
+        on_frames: FrameSink | None = None,
     ) -> GenerationResult:
-        """Run the networks; frames are RGB uint8 (N, H, W, 3) with N = the audio's frame count."""
-        request = job.request
-        noise = noise or self.noise_factory(request.seed)
+        """Run the networks; frames are RGB uint8 (N, H, W, 3) with N = the audio's frame count.
+
+        ``on_frames(segment, frames)`` receives each segment's output frames as soon as they are
+        decoded; without it the frames are collected and returned in the result.
+        """
+        noise = noise or self.noise_factory(job.request.seed)
         cancel = cancel or threading.Event()
         timings: dict[str, float] = {}
+        kept: list[np.ndarray] = []
         with (
             self._lock,
             torch.inference_mode(),
-            _work_dir(request.work_dir) as work_dir,
+            _work_dir(job.request.work_dir) as work_dir,
             device_peak_memory(self.placement.device) as peak,
         ):
-            with timed(timings, "audio"):
-                separator = self.components.separator if request.separate_vocals else None
-                speech = speech_to_16k(job.data["audio"], job_dir=work_dir, separator=separator)
-                features = self.components.audio_encoder.encode(speech)
-            raise_if_cancelled(cancel)
-            with timed(timings, "text"):
-                text = self._encode_text(request.prompt)
-            with timed(timings, "reference"):
-                processed: ProcessedImage = job.data["image"]
-                reference = self._reference_tokens(processed, noise)
-            raise_if_cancelled(cancel)
-
-            face = torch.from_numpy(job.data["face"].embedding).reshape(1, -1).float()
-            frames = self._segments(request, features, text, face, processed, reference, noise, progress, cancel, timings)
-
-        top, left, height, width = processed.plan.output_crop
-        video = crop_output_frames(frames, (top, left, height, width))
-        video = self._to_output_size(video, job.height, job.width)
+            shared = self.condition_job(job, noise, work_dir, cancel, timings)
+            self._segments(shared, noise, on_frames or (lambda segment, frames: kept.append(frames)), progress,
+                           cancel, timings)
         if peak.bytes is not None:
             logger.info("peak device memory of this job: %.2f GiB", peak.bytes / 2**30)
-        return GenerationResult(frames=video, fps=FPS, timings=timings, peak_memory_bytes=peak.bytes)
+        frames = np.concatenate(kept) if kept else np.zeros((0, job.height, job.width, 3), np.uint8)
+        return GenerationResult(frames=frames, fps=FPS, timings=timings, peak_memory_bytes=peak.bytes)
+
+    # --------------------------------------------------------------------- once per job
+
+    def condition_job(
+        self, job: PreparedJob, noise: NoiseSource, work_dir: Path, cancel: threading.Event, timings: dict[str, float]
+    ) -> JobConditions:
+        """Audio features, text embedding, face embedding and reference tokens: what every segment shares."""
+        request, device = job.request, self.placement.device
+        with timed(timings, "audio"):
+            separator = self.components.separator if request.separate_vocals else None
+            speech = speech_to_16k(job.data["audio"], job_dir=work_dir, separator=separator)
+            features = self.components.audio_encoder.encode(speech)
+        raise_if_cancelled(cancel)
+        with timed(timings, "text"):
+            text = self._encode_text(request.prompt)
+        with timed(timings, "reference"):
+            processed: ProcessedImage = job.data["image"]
+            reference = self._reference_tokens(processed, noise)
+        raise_if_cancelled(cancel)
+        return JobConditions(
+            features=features,
+            text=text.to(device),
+            face=torch.from_numpy(job.data["face"].embedding).reshape(1, -1).float().to(device),
+            image=processed.image.to(device=device, dtype=self.placement.dtype).unsqueeze(2),  # (1, 3, 1, H, W)
+            reference=reference,
+            plan_crop=processed.plan.output_crop,
+            output_size=(job.height, job.width),
+            sampler=SamplerConfig(num_steps=request.steps, guidance=request.guidance),
+        )
 
     def _encode_text(self, prompt: str) -> torch.Tensor:
         encoder = self.components.text_encoder
@@ -316,8 +334,7 @@ class Hallo3Pipeline:
         """VAE-encode the face-masked image and run the reference network: one (1, R, D) per block."""
         vae = self.components.vae
         pixels = processed.ref_image.to(self.placement.dtype).unsqueeze(2)  # (1, 3, 1, H, W)
-        latent_shape = (1, vae.vae.config.latent_channels, 1, *self._latent_hw())
-        latent = vae.encode(pixels, noise=noise.posterior("reference", latent_shape))  # (1, 1, C, h, w)
+        latent = vae.encode(pixels, noise=noise.posterior("reference", self._posterior_shape()))  # (1, 1, C, h, w)
         with self._visiting(self.components.reference_net):
             return [t.to(self.placement.device) for t in self.components.reference_net(latent.to(self.placement.device))]
 
@@ -325,71 +342,99 @@ class Hallo3Pipeline:
         factor = 2 ** (len(self.components.vae.vae.config.block_out_channels) - 1)  # 8 for the real VAE
         return self.canvas[0] // factor, self.canvas[1] // factor
 
+    def _posterior_shape(self) -> tuple[int, ...]:
+        """(1, C, 1, h, w): the posterior noise of one VAE-encoded frame."""
+        return (1, self.components.vae.vae.config.latent_channels, 1, *self._latent_hw())
+
+    # ---------------------------------------------------------------------- the segment loop
+
     def _segments(
         self,
-        request: GenerationRequest,
-        features,
-        text: torch.Tensor,
-        face: torch.Tensor,
-        processed: ProcessedImage,
-        reference: list[torch.Tensor],
+        shared: JobConditions,
         noise: NoiseSource,
+        on_frames: FrameSink,
         progress: ProgressCallback | None,
         cancel: threading.Event,
         timings: dict[str, float],
-    ) -> np.ndarray:
-        """The segment loop; returns canvas frames (N, H, W, 3) uint8 for the real audio length."""
-        c = self.components
-        dtype, device = self.placement.dtype, self.placement.device
-        config = SamplerConfig(num_steps=request.steps, guidance=request.guidance)
-        schedule = Schedule.create(config)
-        latent_frames = c.transformer.config.latent_frames
-        latent_shape = (1, latent_frames, c.transformer.config.out_channels, *self._latent_hw())
-        count = num_segments(features.audio_length)
-
-        image = processed.image.to(dtype).unsqueeze(2)  # (1, 3, 1, H, W): frame 0 of every motion clip
-        motion = torch.cat([image] * MOTION_FRAMES, dim=2)  # (1, 3, 2, H, W): segment 0 re-uses the image
-        kept: list[np.ndarray] = []
+    ) -> None:
+        """Condition, denoise, decode and hand on each segment; the last one is cut to the audio's length."""
+        count = shared.num_segments
+        motion = torch.cat([shared.image] * MOTION_FRAMES, dim=2)  # (1, 3, 2, H, W): segment 0 re-uses the image
+        emitted = 0
         for segment in range(count):
             raise_if_cancelled(cancel)
             started = time.perf_counter()
-            mask = noise.motion_mask(segment, *self.canvas).to(device) > MOTION_MASK_RATE  # (H, W)
-            clip = torch.cat([image.to(device), motion.to(device) * mask.to(dtype)], dim=2)  # (1, 3, 3, H, W)
-            posterior_shape = (1, c.vae.vae.config.latent_channels, 1, *self._latent_hw())
-            concat = c.vae.encode_condition(clip, latent_frames, noise=noise.posterior(f"motion{segment}", posterior_shape))
-
-            audio = segment_audio_chunk(features.windowed, segment)[None]  # (1, 49, 5, layers, hidden)
-            conditions = SegmentConditions(concat.to(device), text.to(device), audio.to(device), face.to(device))
 
             def on_step(step: int, steps: int, segment: int = segment) -> None:
                 raise_if_cancelled(cancel)
                 if progress is not None:
-                    done = (segment + (step + 1) / steps) / count
-                    progress(Progress("denoise", done, segment, count, step, steps))
+                    progress(Progress("denoise", (segment + (step + 1) / steps) / count, segment, count, step, steps))
 
-            with self._visiting(c.transformer, self.placement.offload_transformer):
-                latents = sample(
-                    guidance_model_fn(c.transformer, conditions, reference),
-                    noise.initial(segment, latent_shape).to(device),
-                    config,
-                    lambda step, like, segment=segment: noise.step(segment, step, like).to(like.device),
-                    on_step=on_step,
-                    schedule=schedule,
-                )
-            decoded = c.vae.decode(latents.to(dtype))  # (1, 49, 3, H, W) float32 in [0, 1]
-            # Next motion frames: the last 2 decoded frames, back to [-1, 1] in the model dtype.
-            motion = decoded[:, -MOTION_FRAMES:].permute(0, 2, 1, 3, 4).to(dtype) * 2 - 1
-            # uint8 by truncation, as upstream writes its frames.
-            kept.append((decoded[0, MOTION_FRAMES:] * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+            conditions = self.condition_segment(shared, segment, motion, noise)
+            latents = self.denoise_segment(shared, segment, conditions, noise, on_step)
+            motion, frames = self.decode_segment(latents)
+            frames = self._output_frames(frames[: shared.features.audio_length - emitted], shared)
+            emitted += len(frames)
+            on_frames(segment, frames)
             timings[f"segment_{segment}"] = round(time.perf_counter() - started, 3)
             logger.info("segment %d/%d done in %.1f s", segment + 1, count, timings[f"segment_{segment}"])
-        return np.concatenate(kept)[: features.audio_length]
 
-    def _to_output_size(self, frames: np.ndarray, height: int, width: int) -> np.ndarray:
-        """Resize frames to the output size when the model canvas is smaller (tiny model only)."""
-        if frames.shape[1:3] == (height, width):
-            return frames
-        tensor = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    def condition_segment(
+        self, shared: JobConditions, segment: int, motion: torch.Tensor, noise: NoiseSource
+    ) -> SegmentConditions:
+        """The segment's conditioning: ``[image, masked motion frames]`` VAE-encoded, and its audio rows.
+
+        ``motion``: (1, 3, 2, H, W) in [-1, 1], model dtype, on the device.
+        """
+        dtype, device = self.placement.dtype, self.placement.device
+        mask = noise.motion_mask(segment, *self.canvas).to(device) > MOTION_MASK_RATE  # (H, W)
+        clip = torch.cat([shared.image, motion * mask.to(dtype)], dim=2)  # (1, 3, 3, H, W)
+        latent_frames = self.components.transformer.config.latent_frames
+        posterior = noise.posterior(f"motion{segment}", self._posterior_shape())
+        concat = self.components.vae.encode_condition(clip, latent_frames, noise=posterior)  # (1, T, C, h, w)
+        audio = segment_audio_chunk(shared.features.windowed, segment)[None]  # (1, 49, 5, layers, hidden)
+        return SegmentConditions(concat.to(device), shared.text, audio.to(device), shared.face)
+
+    def denoise_segment(
+        self,
+        shared: JobConditions,
+        segment: int,
+        conditions: SegmentConditions,
+        noise: NoiseSource,
+        on_step: Callable[[int, int], None],
+    ) -> torch.Tensor:
+        """Sample the segment's latents from its initial noise: (1, T, C, h, w) float32."""
+        transformer, device = self.components.transformer, self.placement.device
+        config = transformer.config
+        shape = (1, config.latent_frames, config.out_channels, *self._latent_hw())
+        with self._visiting(transformer, self.placement.offload_transformer):
+            return sample(
+                guidance_model_fn(transformer, conditions, shared.reference),
+                noise.initial(segment, shape).to(device),
+                shared.sampler,
+                lambda step, like: noise.step(segment, step, like).to(like.device),
+                on_step=on_step,
+                schedule=shared.schedule,
+            )
+
+    def decode_segment(self, latents: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Decode latents to (next motion frames, the segment's new canvas frames).
+
+        Returns the last 2 decoded frames, (1, 3, 2, H, W) in [-1, 1] in the model dtype, and the
+        frames after the motion frames as uint8 (47, H, W, 3), by truncation as upstream writes them.
+        """
+        decoded = self.components.vae.decode(latents.to(self.placement.dtype))  # (1, 49, 3, H, W) float32 in [0, 1]
+        motion = decoded[:, -MOTION_FRAMES:].permute(0, 2, 1, 3, 4).to(self.placement.dtype) * 2 - 1
+        frames = (decoded[0, MOTION_FRAMES:] * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return motion, frames
+
+    def _output_frames(self, frames: np.ndarray, shared: JobConditions) -> np.ndarray:
+        """Canvas frames -> the output region at the output size (the tiny model's canvas is smaller)."""
+        video = crop_output_frames(frames, shared.plan_crop)
+        height, width = shared.output_size
+        if video.shape[1:3] == (height, width):
+            return video
+        tensor = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2).float()
         resized = torch.nn.functional.interpolate(tensor, size=(height, width), mode="nearest")
         return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
@@ -429,11 +474,9 @@ def _work_dir(path: Path | None) -> Iterator[Path]:
 __all__ = [
     "Hallo3Components",
     "Hallo3Pipeline",
-    "InputLimits",
     "NoiseSource",
     "Placement",
     "SeededNoise",
-    "CLIP_FRAMES",
-    "NEW_FRAMES_PER_SEGMENT",
-    "DecodedAudio",
+    "FrameSink",
+    "JobConditions",
 ]

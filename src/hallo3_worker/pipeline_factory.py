@@ -33,13 +33,14 @@ import torch
 
 from hallo3_worker import weights as hw
 from hallo3_worker.conditioning.audio import ATTN_IMPLEMENTATIONS, Wav2VecEncoder
+from hallo3_worker.conditioning.decode import InputLimits
 from hallo3_worker.conditioning.face import FaceAnalyzer, onnx_providers
 from hallo3_worker.conditioning.image import CANVAS_SIZE
 from hallo3_worker.conditioning.separation import REQUIRED_METADATA, SeparationError, VocalSeparator
 from hallo3_worker.conditioning.text import T5TextEncoder
 from hallo3_worker.models.reference_net import ReferenceNet
 from hallo3_worker.models.transformer import Hallo3Transformer
-from hallo3_worker.pipeline import FaceAnalyzerLike, Hallo3Components, Hallo3Pipeline, InputLimits, Placement
+from hallo3_worker.pipeline import FaceAnalyzerLike, Hallo3Components, Hallo3Pipeline, Placement
 
 if TYPE_CHECKING:
     from hallo3_worker.models.vae import Hallo3VAE

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from hallo3_worker.conditioning.audio import Wav2VecEncoder
+from hallo3_worker.conditioning.decode import InputLimits
 from hallo3_worker.conditioning.face import FACE_MASK_EXPAND_RATIO, FaceAnalysisResult, FaceRegion, expand_region
 from hallo3_worker.conditioning.separation import VocalSeparator
 from hallo3_worker.conditioning.text import T5TextEncoder
@@ -37,7 +38,7 @@ from hallo3_worker.models.loading import build_on_meta, materialize_random
 from hallo3_worker.models.reference_net import ReferenceNet, ReferenceNetConfig
 from hallo3_worker.models.transformer import Hallo3Transformer, TransformerConfig
 from hallo3_worker.models.vae import TINY_VAE, Hallo3VAE, build_vae
-from hallo3_worker.pipeline import Hallo3Components, Hallo3Pipeline, InputLimits, Placement
+from hallo3_worker.pipeline import Hallo3Components, Hallo3Pipeline, Placement
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
 from hallo3_worker.conditioning import audio as A
+from hallo3_worker.conditioning import decode as D
 from hallo3_worker.conditioning import separation as S
 from hallo3_worker.conditioning import tiny_assets
 from hallo3_worker.errors import ErrorCode, InputError
@@ -43,7 +44,7 @@ def golden_meta() -> dict:
 
 @pytest.fixture(scope="module")
 def speech_16k() -> np.ndarray:
-    return A.mix_to_16k(A.decode_audio(SPEECH_WAV))
+    return A.mix_to_16k(D.decode_audio(SPEECH_WAV))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def _tone(seconds: float, rate: int, channels: int = 1, amplitude: float = 0.3) 
 def test_decode_wav_keeps_rate_channels_and_duration(tmp_path: Path) -> None:
     path = tmp_path / "stereo.wav"
     sf.write(path, _tone(1.25, 22_050, channels=2), 22_050, subtype="PCM_16")
-    decoded = A.decode_audio(path)
+    decoded = D.decode_audio(path)
     assert decoded.sample_rate == 22_050
     assert decoded.channels == 2
     assert decoded.num_samples == int(1.25 * 22_050)
@@ -91,7 +92,7 @@ def test_decode_aac_in_m4a_without_ffmpeg_binary(tmp_path: Path) -> None:
             container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
-    decoded = A.decode_audio(path)
+    decoded = D.decode_audio(path)
     assert decoded.codec == "aac"
     assert decoded.sample_rate == rate
     assert decoded.duration_s == pytest.approx(2.3, abs=0.1)
@@ -106,19 +107,19 @@ def test_undecodable_audio_is_an_input_error(tmp_path: Path, payload: bytes) -> 
     path = tmp_path / "bad.wav"
     path.write_bytes(payload)
     with pytest.raises(InputError) as info:
-        A.decode_audio(path)
+        D.decode_audio(path)
     assert info.value.code is ErrorCode.AUDIO_UNDECODABLE
 
 
 def test_file_without_audio_stream_is_undecodable() -> None:
     with pytest.raises(InputError) as info:
-        A.decode_audio(REPO / "tests" / "assets" / "face.jpg")
+        D.decode_audio(REPO / "tests" / "assets" / "face.jpg")
     assert info.value.code is ErrorCode.AUDIO_UNDECODABLE
 
 
 def test_missing_file_is_undecodable(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
-        A.decode_audio(tmp_path / "nope.wav")
+        D.decode_audio(tmp_path / "nope.wav")
     assert info.value.code is ErrorCode.AUDIO_UNDECODABLE
 
 
@@ -127,10 +128,10 @@ def test_silent_audio_is_rejected(tmp_path: Path, amplitude: float) -> None:
     path = tmp_path / "quiet.wav"
     sf.write(path, np.full(16_000, amplitude, np.float32), 16_000, subtype="FLOAT")
     with pytest.raises(InputError) as info:
-        A.decode_audio(path, silence_dbfs=-60.0)
+        D.decode_audio(path, silence_dbfs=-60.0)
     assert info.value.code is ErrorCode.AUDIO_SILENT
     # the check can be switched off (used for separated vocals, checked after quantisation)
-    assert A.decode_audio(path, silence_dbfs=None).num_samples == 16_000
+    assert D.decode_audio(path, silence_dbfs=None).num_samples == 16_000
 
 
 # ---------------------------------------------------------------------------- 16 kHz chains
@@ -174,10 +175,10 @@ def test_mix_to_16k_matches_librosa_load(tmp_path: Path) -> None:
     path = tmp_path / "mix.wav"
     sf.write(path, _tone(0.7, 44_100, channels=2), 44_100, subtype="PCM_16")
     expected, rate = librosa.load(path, sr=16_000)
-    np.testing.assert_array_equal(A.mix_to_16k(A.decode_audio(path)), expected)
+    np.testing.assert_array_equal(A.mix_to_16k(D.decode_audio(path)), expected)
     assert rate == 16_000
     same_rate, _ = librosa.load(SPEECH_WAV, sr=16_000)
-    np.testing.assert_array_equal(A.mix_to_16k(A.decode_audio(SPEECH_WAV)), same_rate)
+    np.testing.assert_array_equal(A.mix_to_16k(D.decode_audio(SPEECH_WAV)), same_rate)
 
 
 # ------------------------------------------------------------------------ frames and padding
@@ -362,12 +363,12 @@ def test_vocal_separation_through_audio_separator_with_stand_in_model(tmp_path: 
     before = sorted(p.name for p in model_dir.iterdir())
     separator = S.VocalSeparator(model_dir, torch_device="cpu")
     assert separator.providers[-1] == "CPUExecutionProvider"
-    audio = A.decode_audio(SPEECH_WAV)
+    audio = D.decode_audio(SPEECH_WAV)
 
     vocals_path = separator.separate(audio, tmp_path / "job-1")
     assert vocals_path == tmp_path / "job-1" / "vocals.wav"
     assert sorted(p.name for p in (tmp_path / "job-1").iterdir()) == ["separator_input.wav", "vocals.wav"]
-    vocals = A.decode_audio(vocals_path)
+    vocals = D.decode_audio(vocals_path)
     assert vocals.sample_rate == 44_100 and vocals.channels == 2
     assert vocals.duration_s == pytest.approx(audio.duration_s, abs=1e-3)
     mix_44k = librosa.resample(audio.mono(), orig_sr=16_000, target_sr=44_100, res_type="soxr_hq")
@@ -377,7 +378,7 @@ def test_vocal_separation_through_audio_separator_with_stand_in_model(tmp_path: 
     speech = A.speech_to_16k(audio, job_dir=tmp_path / "job-2", separator=separator)
     assert speech.dtype == np.float32 and speech.ndim == 1
     assert abs(speech.size - vocals.duration_s * 16_000) <= 1
-    np.testing.assert_array_equal(speech, A.vocals_to_16k(A.decode_audio(tmp_path / "job-2" / "vocals.wav")))
+    np.testing.assert_array_equal(speech, A.vocals_to_16k(D.decode_audio(tmp_path / "job-2" / "vocals.wav")))
     assert sorted(p.name for p in model_dir.iterdir()) == before  # nothing written to the model folder
 
 
@@ -411,7 +412,7 @@ def test_speech_to_16k_rejects_separation_without_vocals(tmp_path: Path) -> None
             return path
 
     with pytest.raises(InputError) as info:
-        A.speech_to_16k(A.decode_audio(SPEECH_WAV), job_dir=tmp_path / "job", separator=NoVocals())
+        A.speech_to_16k(D.decode_audio(SPEECH_WAV), job_dir=tmp_path / "job", separator=NoVocals())
     assert info.value.code is ErrorCode.AUDIO_SILENT
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -12,17 +11,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from hallo3_worker.conditioning.decode import decode_image
 from hallo3_worker.conditioning.face import FaceRegion
 from hallo3_worker.conditioning.image import (
     CANVAS_SIZE,
     apply_framing,
     crop_output_frames,
     image_to_tensor,
-    load_image,
     plan_framing,
     preprocess_image,
 )
-from hallo3_worker.errors import ErrorCode, InputError
 from hallo3_worker.interface import Framing
 
 GOLDENS = Path(__file__).resolve().parents[1] / "goldens" / "vision"
@@ -41,7 +39,7 @@ def golden() -> dict[str, torch.Tensor]:
 
 def _load(file: str) -> np.ndarray:
     # some golden inputs are smaller than the production minimum side; only decoding matters here
-    return load_image(GOLDENS / file, min_side=1)
+    return decode_image(GOLDENS / file, min_side=1).rgb
 
 
 def _mask(name: str) -> np.ndarray:
@@ -180,67 +178,3 @@ def test_auto_letterbox_sizes_are_even() -> None:
 def test_apply_framing_rejects_wrong_size() -> None:
     with pytest.raises(ValueError):
         apply_framing(torch.zeros(1, 3, 10, 10), plan_framing(20, 20))
-
-
-# ------------------------------------------------------------------------------------------ decoding
-
-
-def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def test_load_image_converts_modes_to_rgb() -> None:
-    rgba = Image.new("RGBA", (300, 260), (10, 20, 30, 255))
-    rgba.paste((10, 20, 30, 0), (0, 0, 50, 50))  # transparent corner
-    rgba.paste((200, 0, 0, 128), (100, 100, 150, 150))  # half-transparent red
-    out = load_image(_encode(rgba, "PNG"))
-    assert out.shape == (260, 300, 3) and out.dtype == np.uint8 and out.flags.writeable
-    assert tuple(out[10, 10]) == (255, 255, 255)  # transparent -> white (docs/api.md)
-    assert tuple(out[200, 200]) == (10, 20, 30)  # opaque pixels unchanged
-    a = 128 / 255  # alpha-composited onto white
-    np.testing.assert_allclose(out[120, 120], [200 * a + 255 * (1 - a), 255 * (1 - a), 255 * (1 - a)], atol=1)
-    opaque = Image.new("RGBA", (256, 256), (1, 2, 3, 255))
-    np.testing.assert_array_equal(load_image(_encode(opaque, "PNG")), np.asarray(opaque.convert("RGB")))
-    grey = Image.new("L", (290, 256), 77)
-    assert np.all(load_image(_encode(grey, "PNG")) == 77)
-    pal = Image.new("P", (256, 256), 3)
-    pal.putpalette([0, 0, 0, 1, 1, 1, 2, 2, 2, 200, 100, 50] + [0] * 756)
-    assert tuple(load_image(_encode(pal, "PNG"))[5, 5]) == (200, 100, 50)
-    pal.info["transparency"] = 3
-    assert tuple(load_image(_encode(pal, "PNG", transparency=3))[5, 5]) == (255, 255, 255)
-
-
-def test_load_image_applies_exif_orientation(tmp_path) -> None:
-    img = Image.new("RGB", (360, 280), (255, 0, 0))
-    img.paste((0, 0, 255), (0, 0, 20, 20))  # blue top-left corner
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 CW to display
-    path = tmp_path / "rotated.jpg"
-    img.save(path, format="JPEG", exif=exif, quality=95)
-    upright = load_image(path)
-    assert upright.shape == (360, 280, 3)
-    assert upright[5, -6, 2] > 200 and upright[5, -6, 0] < 60  # the blue corner moved to the top-right
-    raw = load_image(path, apply_exif_orientation=False)
-    assert raw.shape == (280, 360, 3)
-
-
-def test_load_image_rejects_small_undecodable_and_huge() -> None:
-    with pytest.raises(InputError) as small:
-        load_image(_encode(Image.new("RGB", (600, 255)), "PNG"))  # docs/api.md: both sides >= 256 px
-    assert small.value.code == ErrorCode.IMAGE_TOO_SMALL
-    assert load_image(_encode(Image.new("RGB", (256, 256)), "PNG")).shape == (256, 256, 3)
-    assert load_image(_encode(Image.new("RGB", (100, 80)), "PNG"), min_side=64).shape == (80, 100, 3)
-    with pytest.raises(InputError) as bad:
-        load_image(b"definitely not an image")
-    assert bad.value.code == ErrorCode.IMAGE_UNDECODABLE
-    with pytest.raises(InputError) as truncated:
-        load_image(_encode(Image.new("RGB", (300, 300), 5), "PNG")[:200])
-    assert truncated.value.code == ErrorCode.IMAGE_UNDECODABLE
-    with pytest.raises(InputError) as huge:
-        load_image(_encode(Image.new("RGB", (300, 300)), "PNG"), max_pixels=50_000)
-    assert huge.value.code == ErrorCode.MEDIA_TOO_LARGE
-    with pytest.raises(InputError) as default_limit:  # 40 megapixels by default; rejected before decoding
-        load_image(_encode(Image.new("1", (8000, 5001)), "PNG"))
-    assert default_limit.value.code == ErrorCode.MEDIA_TOO_LARGE

@@ -2,8 +2,8 @@
 
 :class:`NoiseTalkingHeadPipeline` implements :class:`~hallo3_worker.interface.TalkingHeadPipeline`
 without networks, so the worker's own behaviour (schema, media, encoding, delivery, faults,
-cancel) can be tested in milliseconds: ``prepare`` really decodes and checks the image (Pillow)
-and the audio (PyAV) and frames the portrait the way upstream Hallo3 does (a square image gives
+cancel) can be tested in milliseconds: ``prepare`` takes the image and audio the worker decoded
+and checked (or decodes them through the same path) and frames the portrait the way upstream Hallo3 does (a square image gives
 480x480, anything else a 720x480 centre crop); ``generate`` overlays the framed image with seeded
 block noise in 47-frame segments, with a progress report and a cancel check per segment, and says
 so in the result's warnings. The real pipeline, with the embedded tiny model, is exercised by
@@ -20,7 +20,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from hallo3_worker.errors import ErrorCode, InputError
+from hallo3_worker.conditioning.decode import decode_inputs
 from hallo3_worker.interface import (
     Cancelled,
     Framing,
@@ -31,7 +31,7 @@ from hallo3_worker.interface import (
     ProgressCallback,
 )
 from hallo3_worker.settings import Settings
-from hallo3_worker.worker import media
+from hallo3_worker.worker.runtime import input_limits
 
 logger = logging.getLogger(__name__)
 
@@ -89,22 +89,12 @@ class NoiseTalkingHeadPipeline:
     # ------------------------------------------------------------------------------- prepare
 
     def prepare(self, request: GenerationRequest) -> PreparedJob:
-        """Decode and check the image and audio; raise ``InputError`` for unusable media."""
-        s = self.settings
-        media.inspect_image(request.image_path, min_side=s.min_image_side, max_pixels=s.max_image_pixels)
-        reference = frame_reference(media.load_rgb(request.image_path), request.framing)
-        cap = s.max_duration_s if request.max_duration_s is None else min(request.max_duration_s, s.max_duration_s)
-        audio = media.inspect_audio(
-            request.audio_path, decode_limit_s=cap, min_duration_s=s.min_duration_s, silence_dbfs=s.silence_dbfs
-        )
-        warnings = [WARNING]
-        if not audio.complete:
-            if request.max_duration_s is None:
-                raise InputError(
-                    ErrorCode.AUDIO_TOO_LONG, f"The audio is longer than the {s.max_duration_s:g} s limit."
-                )
-            warnings.append(media.trim_warning(cap))
-        duration = min(audio.duration_s, cap)
+        """Use (or make) the decoded and checked image and audio; raise ``InputError`` for unusable media."""
+        inputs = request.inputs or decode_inputs(request.image_path, request.audio_path,
+                                                 input_limits(self.settings), request.max_duration_s)
+        reference = frame_reference(inputs.image.rgb, request.framing)
+        warnings = [WARNING, *inputs.warnings]
+        duration = inputs.audio.duration_s
         height, width = reference.shape[:2]
         return PreparedJob(
             request=request,

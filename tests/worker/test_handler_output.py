@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from worker_support import b64, jpeg_bytes, probe_mp4
 
+from hallo3_worker.conditioning.decode import decode_audio
 from hallo3_worker.errors import ErrorCode
-from hallo3_worker.worker.media import load_audio_mono
+from hallo3_worker.interface import DecodedAudio
+from hallo3_worker.worker.media import encode_mp4
 from fake_pipeline import WARNING as PLACEHOLDER_WARNING
 from fake_pipeline import NoiseTalkingHeadPipeline
 from hallo3_worker.worker.runtime import TINY_MODEL_WARNING
@@ -65,12 +67,27 @@ def test_the_original_audio_is_muxed(run_job, face_jpg: bytes, speech_wav: bytes
     data = video_bytes(run_job({"image": b64(face_jpg), "audio": b64(speech_wav)}))
     (tmp_path / "out.mp4").write_bytes(data)
     (tmp_path / "in.wav").write_bytes(speech_wav)
-    muxed = load_audio_mono(tmp_path / "out.mp4")
-    source = load_audio_mono(tmp_path / "in.wav")
+    muxed = decode_audio(tmp_path / "out.mp4").mono()
+    source = decode_audio(tmp_path / "in.wav").mono()
     n = min(muxed.size, source.size)
     assert n > 0.95 * source.size
     correlation = float(np.corrcoef(muxed[:n], source[:n])[0, 1])
     assert correlation > 0.95, correlation
+
+
+def test_audio_at_a_rate_aac_lacks_is_resampled_for_the_mux(tmp_path) -> None:
+    rate = 37_800  # not an AAC rate
+    t = np.arange(rate) / rate
+    stereo = np.stack([np.sin(2 * np.pi * 300 * t), 0.5 * np.sin(2 * np.pi * 500 * t)]).astype(np.float32) * 0.4
+    frames = np.zeros((25, 64, 64, 3), np.uint8)
+    video = encode_mp4(frames, 25, DecodedAudio(stereo, rate), tmp_path / "out.mp4")
+    assert video.has_audio and video.frames == 25
+    muxed = decode_audio(tmp_path / "out.mp4")
+    assert (muxed.sample_rate, muxed.channels) == (48_000, 2)
+    assert abs(muxed.duration_s - 1.0) < 0.05
+    expected = np.sin(2 * np.pi * 300 * np.arange(48_000) / 48_000) * 0.4
+    lag = int(np.argmax(np.correlate(muxed.samples[0, 2048:6144], expected[:1024], "valid")))  # AAC priming delay
+    assert np.corrcoef(muxed.samples[0, 2048 + lag : 2048 + lag + 40_000], expected[:40_000])[0, 1] > 0.99
 
 
 def test_landscape_output_is_720x480(run_job, short_wav: bytes) -> None:

@@ -3,8 +3,8 @@
 The chain, in upstream's order (``hallo3/sgm/utils/audio_processor.py:73-126``,
 ``hallo3/sgm/models/wav2vec.py``, ``hallo3/sample_video.py:161-171,347-373``):
 
-1. :func:`decode_audio` decodes anything FFmpeg can decode (through PyAV, no binary needed) and
-   rejects undecodable or silent input with :class:`~hallo3_worker.errors.InputError`.
+1. :func:`~hallo3_worker.conditioning.decode.decode_audio` decodes anything FFmpeg can decode
+   (through PyAV) and rejects unusable input; that module is the one decode path of a job.
 2. Optional vocal separation (:mod:`hallo3_worker.conditioning.separation`), then
    :func:`vocals_to_16k` reproduces upstream's ``ffmpeg -ar 16000`` + ``librosa.load(sr=16000)``
    in-process: 16-bit PCM through libswresample, then a float32 channel average. Without
@@ -31,8 +31,6 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-import av
-import av.error
 import librosa
 import numpy as np
 import soundfile as sf
@@ -40,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from hallo3_worker.conditioning.decode import decode_audio, swr_convert
 from hallo3_worker.errors import ErrorCode, InputError
+from hallo3_worker.interface import DecodedAudio
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000  #: Hz, wav2vec2's input rate
 FPS = 25  #: video frames per second; one audio feature vector per video frame
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  #: 640 waveform samples per video frame
 CLIP_FRAMES = 49  #: pixel frames per segment, (13 latent frames - 1) * 4 + 1
 MOTION_FRAMES = 2  #: frames each segment re-uses from the previous one
 NEW_FRAMES_PER_SEGMENT = CLIP_FRAMES - MOTION_FRAMES  #: 47
@@ -59,94 +58,7 @@ _PCM16_SCALE = 32767.0  # audio-separator's float -> int16 writer multiplies by 
 _PCM16_READ_SCALE = 32768.0  # libsndfile (and so librosa) reads int16 as x / 32768
 
 
-# ------------------------------------------------------------------------------------ decoding
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodedAudio:
-    """Decoded audio at its own sample rate.
-
-    ``samples`` is float32 in [-1, 1] with shape (channels, num_samples).
-    """
-
-    samples: np.ndarray
-    sample_rate: int
-    codec: str
-
-    @property
-    def channels(self) -> int:
-        return int(self.samples.shape[0])
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.samples.shape[1])
-
-    @property
-    def duration_s(self) -> float:
-        return self.num_samples / self.sample_rate
-
-    def mono(self) -> np.ndarray:
-        """Channel average as librosa computes it (float32 mean over channels), shape (num_samples,)."""
-        return np.mean(self.samples, axis=0, dtype=np.float32)
-
-
-def rms_dbfs(samples: np.ndarray) -> float:
-    """RMS level of float samples in dB relative to full scale (``-inf`` for digital silence)."""
-    if samples.size == 0:
-        return -math.inf
-    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
-    return 20.0 * math.log10(rms) if rms > 0 else -math.inf
-
-
-def decode_audio(path: str | os.PathLike[str], *, silence_dbfs: float | None = -60.0) -> DecodedAudio:
-    """Decode the first audio stream of ``path`` with PyAV (FFmpeg's libraries).
-
-    Returns planar float32 samples of shape (channels, num_samples) at the stream's own rate.
-
-    Raises:
-        InputError: ``AUDIO_UNDECODABLE`` when the file cannot be opened or decoded, has no audio
-            stream or no samples, or contains non-finite samples; ``AUDIO_SILENT`` when the RMS
-            level of the channel average is at or below ``silence_dbfs`` (``None`` skips that check).
-    """
-    chunks: list[np.ndarray] = []
-    try:
-        with av.open(os.fspath(path), metadata_errors="ignore") as container:
-            if not container.streams.audio:
-                raise InputError(ErrorCode.AUDIO_UNDECODABLE, "The audio file has no audio stream.")
-            stream = container.streams.audio[0]
-            codec = stream.codec_context.name
-            # Only the sample format changes; rate and channel layout come from the first frame.
-            resampler = av.AudioResampler(format="fltp")
-            rate = 0
-            for frame in container.decode(stream):
-                rate = rate or int(frame.sample_rate)
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray())
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray())
-    except InputError:
-        raise
-    except (av.error.FFmpegError, ValueError, OSError, UnicodeDecodeError):
-        raise InputError(
-            ErrorCode.AUDIO_UNDECODABLE, "The audio could not be decoded; send WAV, MP3, FLAC, OGG or M4A speech."
-        ) from None
-    if not chunks or rate <= 0:
-        raise InputError(ErrorCode.AUDIO_UNDECODABLE, "The audio file contains no samples.")
-    samples = np.ascontiguousarray(np.concatenate(chunks, axis=1), dtype=np.float32)
-    if samples.shape[1] == 0:
-        raise InputError(ErrorCode.AUDIO_UNDECODABLE, "The audio file contains no samples.")
-    if not np.isfinite(samples).all():
-        raise InputError(ErrorCode.AUDIO_UNDECODABLE, "The audio contains invalid (non-finite) samples.")
-    decoded = DecodedAudio(samples=samples, sample_rate=rate, codec=codec)
-    level = rms_dbfs(decoded.mono())
-    if silence_dbfs is not None and level <= silence_dbfs:
-        shown = "digital silence" if math.isinf(level) else f"{level:.0f} dBFS"
-        raise InputError(ErrorCode.AUDIO_SILENT, f"The audio is silent ({shown}); send audio with speech in it.")
-    logger.debug(
-        "Decoded %s audio: %d ch, %d Hz, %.3f s, %.1f dBFS",
-        codec, decoded.channels, rate, decoded.duration_s, level,
-    )
-    return decoded
+# ----------------------------------------------------------------------- for the vocal separator
 
 
 def write_float_wav(path: str | os.PathLike[str], audio: DecodedAudio) -> Path:
@@ -199,20 +111,7 @@ def resample_pcm16(
     if rate_in == rate_out:
         return pcm.copy()
     options = {"internal_sample_fmt": internal_sample_fmt} if internal_sample_fmt else None
-    resampler = av.AudioResampler(format="s16", layout=layout, rate=rate_out, options=options)
-    interleaved = np.ascontiguousarray(pcm.T).reshape(1, -1)
-    frames_out: list[np.ndarray] = []
-    block = 4096
-    for start in range(0, pcm.shape[1], block):
-        part = np.ascontiguousarray(interleaved[:, start * channels : (start + block) * channels])
-        frame = av.AudioFrame.from_ndarray(part, format="s16", layout=layout)
-        frame.sample_rate = rate_in
-        frames_out.extend(out.to_ndarray() for out in resampler.resample(frame))
-    frames_out.extend(out.to_ndarray() for out in resampler.resample(None))
-    if not frames_out:
-        return np.zeros((channels, 0), np.int16)
-    packed = np.concatenate([f.reshape(-1) for f in frames_out])
-    return packed.reshape(-1, channels).T.copy()
+    return swr_convert(pcm, rate_in, layout, out_layout=layout, out_rate=rate_out, fmt="s16", options=options, block=4096)
 
 
 def pcm16_to_mono_float(pcm: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Portrait decoding and Hallo3's image preprocessing (``sample_video.py:278-307``).
+"""Hallo3's image preprocessing (``sample_video.py:278-307``).
 
 Upstream turns the user's portrait into two tensors on the model's 480x720 (H x W) canvas:
 
@@ -25,98 +25,25 @@ Tensors returned are float32, (1, 3, 480, 720), values ``2x - 1`` (so padding is
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hallo3_worker.errors import ErrorCode, InputError
 from hallo3_worker.interface import Framing
 
 logger = logging.getLogger(__name__)
 
 #: The model canvas (height, width): CogVideoX-5B-I2V's 480x720.
 CANVAS_SIZE: tuple[int, int] = (480, 720)
-#: Images whose shorter side is below this are rejected (IMAGE_TOO_SMALL); ``HALLO3_MIN_IMAGE_SIDE``.
-MIN_IMAGE_SIDE = 256
-#: More pixels than this are rejected (MEDIA_TOO_LARGE) before decoding; ``HALLO3_MAX_IMAGE_PIXELS``.
-MAX_IMAGE_PIXELS = 40_000_000
-#: Transparent images are composited onto this colour.
-ALPHA_BACKGROUND = (255, 255, 255)
-
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels, x1/y1 exclusive
 
 
 # --------------------------------------------------------------------------------------------------
-# decoding
+# tensors
 # --------------------------------------------------------------------------------------------------
-
-
-def load_image(
-    source: str | Path | bytes | BinaryIO,
-    *,
-    min_side: int = MIN_IMAGE_SIDE,
-    max_pixels: int = MAX_IMAGE_PIXELS,
-    apply_exif_orientation: bool = True,
-) -> np.ndarray:
-    """Decode an image file to RGB uint8 (H, W, 3).
-
-    Conversion is PIL's ``convert("RGB")`` as in upstream (greyscale replicated to three channels,
-    palette expanded), except for images with transparency: upstream drops the alpha channel, which
-    shows whatever colour hides under transparent pixels; here they are composited onto white. For
-    opaque images both are identical. The EXIF orientation tag is applied first (upstream ignores it,
-    which leaves phone portraits lying on their side); pass ``apply_exif_orientation=False`` for
-    upstream's behaviour. Animated images use their first frame.
-
-    Raises ``InputError`` with IMAGE_UNDECODABLE, IMAGE_TOO_SMALL or MEDIA_TOO_LARGE.
-    """
-    if isinstance(source, (bytes, bytearray)):
-        source = io.BytesIO(source)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
-            with Image.open(source) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise InputError(
-                        ErrorCode.MEDIA_TOO_LARGE,
-                        f"image is {width}x{height} pixels; at most {max_pixels} pixels are accepted",
-                    )
-                img.load()
-                if apply_exif_orientation:
-                    img = ImageOps.exif_transpose(img)
-                if img.has_transparency_data:
-                    rgba = img.convert("RGBA")
-                    background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
-                    rgb = Image.alpha_composite(background, rgba).convert("RGB")
-                else:
-                    rgb = img.convert("RGB")
-    except InputError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise InputError(ErrorCode.MEDIA_TOO_LARGE, f"image is too large to decode: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InputError(ErrorCode.IMAGE_UNDECODABLE, f"the image could not be decoded: {exc}") from exc
-    array = np.array(rgb, dtype=np.uint8)  # a writable copy
-    check_image_size(array, min_side=min_side)
-    return array
-
-
-def check_image_size(image: np.ndarray, *, min_side: int = MIN_IMAGE_SIDE) -> None:
-    """Raise IMAGE_TOO_SMALL if the (H, W, 3) image's shorter side is below ``min_side``."""
-    height, width = image.shape[:2]
-    if min(height, width) < min_side:
-        raise InputError(
-            ErrorCode.IMAGE_TOO_SMALL,
-            f"image is {width}x{height} pixels; both sides must be at least {min_side} pixels",
-        )
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:

@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from hallo3_worker.conditioning.audio import DecodedAudio, write_float_wav
+from hallo3_worker.conditioning.audio import write_float_wav
+from hallo3_worker.interface import DecodedAudio
 
 logger = logging.getLogger(__name__)
 

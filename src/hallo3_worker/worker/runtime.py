@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from hallo3_worker.conditioning.decode import InputLimits
 from hallo3_worker.interface import TalkingHeadPipeline
 from hallo3_worker.settings import Settings
 
@@ -127,6 +128,17 @@ def placement_for(device: torch.device, dtype: torch.dtype, policy: str) -> Plac
     )
 
 
+def input_limits(settings: Settings) -> InputLimits:
+    """The media checks of :func:`~hallo3_worker.conditioning.decode.decode_inputs`, from the settings."""
+    return InputLimits(
+        min_image_side=settings.min_image_side,
+        max_image_pixels=settings.max_image_pixels,
+        max_duration_s=settings.max_duration_s,
+        min_duration_s=settings.min_duration_s,
+        silence_dbfs=settings.silence_dbfs,
+    )
+
+
 def load_pipeline(settings: Settings) -> TalkingHeadPipeline:
     """Build the pipeline once, at start-up.
 
@@ -137,17 +149,9 @@ def load_pipeline(settings: Settings) -> TalkingHeadPipeline:
     missing, incomplete or corrupt weights raise :class:`~hallo3_worker.weights.WeightsError`
     naming the file, so the worker stops at start-up instead of serving something else.
     """
-    from hallo3_worker.pipeline import InputLimits
-
     device = resolve_device(settings)
     placement = placement_for(device, resolve_dtype(settings, device), resolve_offload(settings, device))
-    limits = InputLimits(
-        min_image_side=settings.min_image_side,
-        max_image_pixels=settings.max_image_pixels,
-        max_duration_s=settings.max_duration_s,
-        min_duration_s=settings.min_duration_s,
-        silence_dbfs=settings.silence_dbfs,
-    )
+    limits = input_limits(settings)
     if settings.weights_dir is None:
         from hallo3_worker.tiny import build_tiny_pipeline
 

@@ -5,7 +5,7 @@ is the Runpod handler: the job runs in a worker thread (``asyncio.to_thread``) s
 stays free for the SDK's stop signals, and a cancelled task sets the job's cancel event, which the
 pipeline checks between segments.
 
-One job goes through: schema check -> fetch media -> CPU checks -> ``pipeline.prepare`` ->
+One job goes through: schema check -> fetch media -> decode and check them once -> ``pipeline.prepare`` ->
 ``pipeline.generate`` -> one MP4 encode with the original audio -> delivery. Every failure becomes
 ``{"error": <sentence>, "error_code": <code>}`` (plus ``"refresh_worker": true`` after GPU
 faults); tracebacks only go to the log. The job's temporary folder is removed in every case.
@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from hallo3_worker.errors import ErrorCode, InputError, UserFacingError
+from hallo3_worker.conditioning.decode import decode_inputs
+from hallo3_worker.errors import ErrorCode, UserFacingError
 from hallo3_worker.interface import (
     Cancelled,
     GenerationRequest,
@@ -40,9 +41,9 @@ from hallo3_worker.settings import Settings, load_settings
 from hallo3_worker.timing import timed
 from hallo3_worker.worker import media
 from hallo3_worker.worker.delivery import deliver, safe_key_part
-from hallo3_worker.worker.inputs import FetchedMedia, SourceKind, describe, fetch_media
-from hallo3_worker.worker.runtime import TINY_MODEL_WARNING, configure_logging, load_pipeline
-from hallo3_worker.worker.schema import JobSpec, parse_job
+from hallo3_worker.worker.inputs import describe, fetch_media
+from hallo3_worker.worker.runtime import TINY_MODEL_WARNING, configure_logging, input_limits, load_pipeline
+from hallo3_worker.worker.schema import parse_job
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +134,13 @@ class Worker:
                                 volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s)
         raise_if_cancelled(cancel)
 
-        with timed(timings, "validate"):
-            image_path, audio_path = self._check_media(spec, image, audio, warnings)
+        with timed(timings, "validate"):  # the one decode of both files; prepare and the mux use it
+            inputs = decode_inputs(image.path, audio.path, input_limits(self.settings), spec.max_duration_s)
         raise_if_cancelled(cancel)
 
         request = GenerationRequest(
-            image_path=image_path,
-            audio_path=audio_path,
+            image_path=image.path,
+            audio_path=audio.path,
             prompt=spec.prompt,
             seed=spec.seed,
             steps=spec.steps,
@@ -148,6 +149,7 @@ class Worker:
             separate_vocals=spec.separate_vocals,
             max_duration_s=spec.max_duration_s,
             work_dir=job_dir,
+            inputs=inputs,
         )
         with self._pipeline_lock:
             report.stage("prepare")
@@ -161,7 +163,7 @@ class Worker:
 
         report.stage("encode")
         with timed(timings, "encode"):
-            video = media.encode_mp4(frames, result.fps, audio_path, job_dir / "output.mp4",
+            video = media.encode_mp4(frames, result.fps, inputs.audio, job_dir / "output.mp4",
                                      crf=self.settings.video_crf, preset=self.settings.video_preset)
         raise_if_cancelled(cancel)
 
@@ -187,24 +189,6 @@ class Worker:
             "timings": timings,
             "warnings": _unique(warnings + prepared.warnings + result.warnings + delivered.warnings),
         }
-
-    def _check_media(self, spec: JobSpec, image: FetchedMedia, audio: FetchedMedia,
-                     warnings: list[str]) -> tuple[Path, Path]:
-        """CPU checks of both files before any GPU work; returns their final paths."""
-        s = self.settings
-        image_info = media.inspect_image(image.path, min_side=s.min_image_side, max_pixels=s.max_image_pixels)
-        cap = s.max_duration_s if spec.max_duration_s is None else spec.max_duration_s
-        audio_info = media.inspect_audio(audio.path, decode_limit_s=cap, min_duration_s=s.min_duration_s,
-                                         silence_dbfs=s.silence_dbfs)
-        if not audio_info.complete:
-            if spec.max_duration_s is None:
-                raise InputError(
-                    ErrorCode.AUDIO_TOO_LONG,
-                    f"The audio is longer than the {s.max_duration_s:g} s limit of this endpoint; send shorter "
-                    "audio, or set max_duration_s to render only its beginning.",
-                )
-            warnings.append(media.trim_warning(cap))
-        return _with_extension(image, image_info.extension), _with_extension(audio, audio_info.extension)
 
     def _remove_stale_job_dirs(self) -> None:
         """Job folders left by a process that died mid-job (nothing runs yet at start-up)."""
@@ -237,13 +221,6 @@ def _job_dir(base: Path, ref: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
         if path.exists():
             logger.error("Could not remove the job folder %s", path)
-
-
-def _with_extension(fetched: FetchedMedia, extension: str) -> Path:
-    """Give a file in the job folder a suffix matching its content (volume files stay in place)."""
-    if fetched.kind is SourceKind.PATH:
-        return fetched.path
-    return fetched.path.rename(fetched.path.with_suffix(extension))
 
 
 def _checked_frames(result: GenerationResult) -> np.ndarray:
