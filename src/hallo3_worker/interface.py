@@ -156,6 +156,8 @@ def raise_if_cancelled(cancel: threading.Event | None) -> None:
 
 
 ProgressCallback = Callable[[Progress], None]
+#: Receives each segment's output frames, RGB uint8 (n, H, W, 3), as soon as they are decoded.
+FrameSink = Callable[[int, np.ndarray], None]
 
 
 class TalkingHeadPipeline(Protocol):
@@ -173,6 +175,11 @@ class TalkingHeadPipeline(Protocol):
         job: PreparedJob,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        on_frames: FrameSink | None = None,
     ) -> GenerationResult:
-        """Run the networks and return the frames; raise ``Cancelled`` if ``cancel`` gets set."""
+        """Run the networks; raise ``Cancelled`` if ``cancel`` gets set.
+
+        With ``on_frames`` each segment's frames are handed on as soon as they exist (and the
+        result's ``frames`` may be empty); without it the result holds them all.
+        """
         ...

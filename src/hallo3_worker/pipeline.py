@@ -58,6 +58,7 @@ from hallo3_worker.conditioning.image import CANVAS_SIZE, ProcessedImage, crop_o
 from hallo3_worker.conditioning.text import T5TextEncoder
 from hallo3_worker.denoiser import SegmentConditions, guidance_model_fn
 from hallo3_worker.interface import (
+    FrameSink,
     Framing,
     GenerationRequest,
     GenerationResult,
@@ -170,10 +171,6 @@ class Hallo3Components:
     audio_encoder: Wav2VecEncoder
     face_analyzer: FaceAnalyzerLike
     separator: VocalSeparatorLike | None = None
-
-
-#: Receives each segment's output frames, RGB uint8 (n, H, W, 3), as soon as they are decoded.
-FrameSink = Callable[[int, np.ndarray], None]
 
 
 @dataclasses.dataclass
@@ -477,6 +474,5 @@ __all__ = [
     "NoiseSource",
     "Placement",
     "SeededNoise",
-    "FrameSink",
     "JobConditions",
 ]

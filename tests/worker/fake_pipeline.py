@@ -23,6 +23,7 @@ from PIL import Image
 from hallo3_worker.conditioning.decode import decode_inputs
 from hallo3_worker.interface import (
     Cancelled,
+    FrameSink,
     Framing,
     GenerationRequest,
     GenerationResult,
@@ -114,8 +115,9 @@ class NoiseTalkingHeadPipeline:
         job: PreparedJob,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        on_frames: FrameSink | None = None,
     ) -> GenerationResult:
-        """Produce ``job.num_frames`` frames, one 47-frame segment at a time."""
+        """Produce ``job.num_frames`` frames, one 47-frame segment at a time, each handed to ``on_frames``."""
         started = time.perf_counter()
         reference = job.data["reference"].astype(np.uint16) * 3  # (H, W, 3), weighted 3/4 below
         rng = np.random.default_rng(job.request.seed)
@@ -127,8 +129,11 @@ class NoiseTalkingHeadPipeline:
             if progress is not None:
                 progress(Progress("denoise", segment / segments, segment, segments))
             first = segment * SEGMENT_FRAMES
-            for index in range(first, min(first + SEGMENT_FRAMES, job.num_frames)):
+            last = min(first + SEGMENT_FRAMES, job.num_frames)
+            for index in range(first, last):
                 frames[index] = self._noisy_frame(reference, rng) if index % NOISE_HOLD == 0 else frames[index - 1]
+            if on_frames is not None:
+                on_frames(segment, frames[first:last].copy())
         if progress is not None:
             progress(Progress("decode", 1.0, segments - 1, segments))
         return GenerationResult(

@@ -15,7 +15,7 @@ from worker_support import b64, jpeg_bytes, probe_mp4
 from hallo3_worker.conditioning.decode import decode_audio
 from hallo3_worker.errors import ErrorCode
 from hallo3_worker.interface import DecodedAudio
-from hallo3_worker.worker.media import encode_mp4
+from hallo3_worker.worker.media import encode_mp4, encode_segment, mux_segments
 from fake_pipeline import WARNING as PLACEHOLDER_WARNING
 from fake_pipeline import NoiseTalkingHeadPipeline
 from hallo3_worker.worker.runtime import TINY_MODEL_WARNING
@@ -90,6 +90,58 @@ def test_audio_at_a_rate_aac_lacks_is_resampled_for_the_mux(tmp_path) -> None:
     assert np.corrcoef(muxed.samples[0, 2048 + lag : 2048 + lag + 40_000], expected[:40_000])[0, 1] > 0.99
 
 
+def _dirty_the_heap(seed: int) -> None:
+    """Leave freed C-heap blocks full of arbitrary bytes, as a job's inference does."""
+    import ctypes
+    import random
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    rnd, blocks = random.Random(seed), []
+    for _ in range(3000):
+        size = rnd.choice([64, 1024, 16384, 200_000, 1 << 20])
+        block = libc.malloc(size)
+        libc.memset(block, rnd.randrange(256), size)
+        blocks.append(block)
+    for block in blocks:
+        libc.free(block)
+
+
+def _moving_frames(count: int, seed: int = 0) -> np.ndarray:
+    """A textured picture sliding one pixel per frame: (count, 240, 320, 3) uint8."""
+    texture = np.random.default_rng(seed).integers(0, 256, (60, 80 + count // 4 + 1, 3), dtype=np.uint8)
+    texture = np.kron(texture, np.ones((4, 4, 1), np.uint8))  # (240, >= 320 + count, 3), blocky like a picture
+    return np.stack([texture[:, i : i + 320] for i in range(count)])
+
+
+def test_the_encode_does_not_depend_on_what_the_heap_held(tmp_path) -> None:
+    """x264's macroblock-tree rate control reads memory it never wrote; with it on, these encodes differ."""
+    frames = _moving_frames(40)
+    digests = set()
+    for attempt in range(4):
+        if attempt:
+            _dirty_the_heap(attempt)
+        encode_segment(frames, 25, tmp_path / "segment.mp4")
+        digests.add((tmp_path / "segment.mp4").read_bytes())
+    assert len(digests) == 1
+
+
+def test_segments_are_joined_without_a_second_encode(tmp_path) -> None:
+    frames = _moving_frames(60)
+    parts = [encode_segment(frames[:47], 25, tmp_path / "a.mp4"), encode_segment(frames[47:], 25, tmp_path / "b.mp4",
+                                                                                  first_frame=47)]
+    each = [probe_mp4(part.read_bytes())["frames"] for part in parts]  # every segment plays on its own
+    assert [len(f) for f in each] == [47, 13]
+    rate = 16_000
+    speech = DecodedAudio((0.3 * np.sin(2 * np.pi * 200 * np.arange(3 * rate) / rate))[None].astype(np.float32), rate)
+    video = mux_segments(parts, 25, speech, tmp_path / "joined.mp4")
+    joined = probe_mp4((tmp_path / "joined.mp4").read_bytes())
+    assert (video.frames, video.width, video.height, video.has_audio) == (60, 320, 240, True)
+    assert np.array_equal(np.stack(joined["frames"]), np.concatenate([np.stack(f) for f in each]))  # same pictures
+    assert abs(decode_audio(tmp_path / "joined.mp4").duration_s - 60 / 25) < 0.05  # audio cut to the video
+
+
 def test_landscape_output_is_720x480(run_job, short_wav: bytes) -> None:
     result = run_job({"image": b64(jpeg_bytes(640, 400)), "audio": b64(short_wav)})
     info = probe_mp4(video_bytes(result))
@@ -121,7 +173,7 @@ def test_result_fields_timings_and_warnings(run_job, face_jpg: bytes, short_wav:
     result = run_job({"image": b64(face_jpg), "audio": b64(short_wav), "seed": 9})
     assert {"video", "video_type", "seed", "width", "height", "fps", "frames", "duration_s", "timings",
             "warnings"} <= set(result)
-    assert {"fetch", "validate", "prepare", "generate", "encode", "deliver", "total"} <= set(result["timings"])
+    assert {"fetch", "validate", "prepare", "generate", "encode", "mux", "deliver", "total"} <= set(result["timings"])
     assert all(isinstance(v, float) and v >= 0 for v in result["timings"].values())
     assert TINY_MODEL_WARNING in result["warnings"] and PLACEHOLDER_WARNING in result["warnings"]
 

@@ -93,6 +93,62 @@ class _AudioTrack:
             self.container.mux(packet)
 
 
+#: libx264 settings. ``mbtree=0``: x264's macroblock-tree rate control reads memory it never wrote,
+#: so its output followed whatever earlier work left on the heap (identical in a fresh process,
+#: different after a job); without it a seed gives the same bytes every time.
+_X264_OPTIONS = {"mbtree": "0"}
+
+
+def encode_segment(frames: np.ndarray, fps: int, out_path: Path, *, first_frame: int = 0, crf: int = 18,
+                   preset: str = "medium") -> Path:
+    """Encode one segment's RGB uint8 frames (N, H, W, 3) as its own closed group of pictures.
+
+    ``out_path`` is a video-only MP4 that plays on its own; no encoder state crosses segments, so a
+    segment encodes to the same bytes whenever it is encoded. ``first_frame`` is its place in the clip.
+    """
+    frames = _even(frames)
+    with av.open(str(out_path), "w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        video.options = {"crf": str(crf), "preset": preset, **_X264_OPTIONS}
+        for index, picture in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
+            frame.pts = first_frame + index
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode(None):
+            container.mux(packet)
+    return out_path
+
+
+def mux_segments(segments: list[Path], fps: int, audio: DecodedAudio | None, out_path: Path) -> EncodedVideo:
+    """Join encoded segments (no second encode) and the job's audio, cut to the video's length, into ``out_path``."""
+    sources = [av.open(str(path)) for path in segments]
+    try:
+        streams = [source.streams.video[0] for source in sources]
+        total = sum(stream.frames for stream in streams)
+        count = 0
+        with av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
+            video = container.add_stream_from_template(streams[0])
+            track = _AudioTrack(container, *audio_for_mux(audio, total / fps)) if audio is not None else None
+            for source, stream in zip(sources, streams):
+                for packet in source.demux(stream):
+                    if packet.dts is None:  # the demuxer's empty end-of-stream packet
+                        continue
+                    packet.stream = video
+                    container.mux(packet)
+                    count += 1
+                if track is not None:  # keep audio and video interleaved in time
+                    track.feed_until(count / fps)
+            if track is not None:
+                track.finish()
+        width, height = streams[0].codec_context.width, streams[0].codec_context.height
+    finally:
+        for source in sources:
+            source.close()
+    return EncodedVideo(out_path, width, height, fps, count, count / fps, track is not None, out_path.stat().st_size)
+
+
 def encode_mp4(
     frames: np.ndarray,
     fps: int,
@@ -104,26 +160,11 @@ def encode_mp4(
 ) -> EncodedVideo:
     """Encode RGB uint8 frames (N, H, W, 3) at ``fps`` plus the job's decoded ``audio`` into ``out_path``.
 
-    The audio is cut to the video's length (N / fps); the video is never padded or cut.
+    One segment through :func:`encode_segment` and :func:`mux_segments`. The audio is cut to the
+    video's length (N / fps); the video is never padded or cut.
     """
-    frames = _even(frames)
-    count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
-    duration = count / fps
-    muxed = audio_for_mux(audio, duration) if audio is not None else None
-    with av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
-        video = container.add_stream("libx264", rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"crf": str(crf), "preset": preset}
-        track = _AudioTrack(container, *muxed) if muxed is not None else None
-        for index in range(count):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[index]), format="rgb24")
-            frame.pts = index
-            for packet in video.encode(frame):
-                container.mux(packet)
-            if track is not None:  # keep audio and video interleaved in time
-                track.feed_until((index + 1) / fps)
-        for packet in video.encode(None):
-            container.mux(packet)
-        if track is not None:
-            track.finish()
-    return EncodedVideo(out_path, width, height, fps, count, duration, track is not None, out_path.stat().st_size)
+    segment = encode_segment(frames, fps, out_path.with_suffix(".video.mp4"), crf=crf, preset=preset)
+    try:
+        return mux_segments([segment], fps, audio, out_path)
+    finally:
+        segment.unlink(missing_ok=True)

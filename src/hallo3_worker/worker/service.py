@@ -6,7 +6,8 @@ stays free for the SDK's stop signals, and a cancelled task sets the job's cance
 pipeline checks between segments.
 
 One job goes through: schema check -> fetch media -> decode and check them once -> ``pipeline.prepare`` ->
-``pipeline.generate`` -> one MP4 encode with the original audio -> delivery. Every failure becomes
+``pipeline.generate``, each segment's frames encoded as they arrive -> the segments joined with the
+original audio (no second encode) -> delivery. Every failure becomes
 ``{"error": <sentence>, "error_code": <code>}`` (plus ``"refresh_worker": true`` after GPU
 faults); tracebacks only go to the log. The job's temporary folder is removed in every case.
 """
@@ -32,7 +33,6 @@ from hallo3_worker.errors import ErrorCode, UserFacingError
 from hallo3_worker.interface import (
     Cancelled,
     GenerationRequest,
-    GenerationResult,
     Progress,
     TalkingHeadPipeline,
     raise_if_cancelled,
@@ -156,15 +156,15 @@ class Worker:
             with timed(timings, "prepare"):
                 prepared = self.pipeline.prepare(request)
             raise_if_cancelled(cancel)
+            encoder = _SegmentEncoder(job_dir / "segments", prepared.fps, self.settings, timings)
             with timed(timings, "generate"):
-                result = self.pipeline.generate(prepared, progress=report.pipeline, cancel=cancel)
-        frames = _checked_frames(result)
+                result = self.pipeline.generate(prepared, progress=report.pipeline, cancel=cancel,
+                                                on_frames=encoder.encode)
         raise_if_cancelled(cancel)
 
         report.stage("encode")
-        with timed(timings, "encode"):
-            video = media.encode_mp4(frames, result.fps, inputs.audio, job_dir / "output.mp4",
-                                     crf=self.settings.video_crf, preset=self.settings.video_preset)
+        with timed(timings, "mux"):
+            video = media.mux_segments(encoder.finished(), prepared.fps, inputs.audio, job_dir / "output.mp4")
         raise_if_cancelled(cancel)
 
         report.stage("deliver")
@@ -223,15 +223,38 @@ def _job_dir(base: Path, ref: str) -> Iterator[Path]:
             logger.error("Could not remove the job folder %s", path)
 
 
-def _checked_frames(result: GenerationResult) -> np.ndarray:
-    """The result's frames as (N, H, W, 3) uint8; anything else is a pipeline bug."""
-    frames = np.asarray(result.frames)
+class _SegmentEncoder:
+    """Encodes each segment the pipeline hands on into its own MP4 as soon as it arrives (no frames kept)."""
+
+    def __init__(self, folder: Path, fps: int, settings: Settings, timings: dict[str, float]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.fps, self.settings, self.timings = folder, fps, settings, timings
+        self.segments: list[Path] = []
+        self.frames = 0
+
+    def encode(self, segment: int, frames: np.ndarray) -> None:
+        frames = _checked_frames(frames)
+        started = time.perf_counter()
+        path = self.folder / f"segment_{segment:05d}.mp4"
+        media.encode_segment(frames, self.fps, path, first_frame=self.frames, crf=self.settings.video_crf,
+                             preset=self.settings.video_preset)
+        self.segments.append(path)
+        self.frames += len(frames)
+        self.timings["encode"] = round(self.timings.get("encode", 0.0) + time.perf_counter() - started, 3)
+
+    def finished(self) -> list[Path]:
+        if not self.segments:
+            raise RuntimeError("the pipeline handed on no frames")
+        return self.segments
+
+
+def _checked_frames(frames: np.ndarray) -> np.ndarray:
+    """A segment's frames as (N, H, W, 3) uint8; anything else is a pipeline bug."""
+    frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0 or min(frames.shape[1:3]) < 2:
-        raise RuntimeError(f"pipeline returned frames of shape {frames.shape}; expected (N, H, W, 3)")
+        raise RuntimeError(f"pipeline handed on frames of shape {frames.shape}; expected (N, H, W, 3)")
     if frames.dtype != np.uint8:
-        raise RuntimeError(f"pipeline returned frames of dtype {frames.dtype}; expected uint8")
-    if not isinstance(result.fps, int) or result.fps <= 0:
-        raise RuntimeError(f"pipeline returned fps {result.fps!r}")
+        raise RuntimeError(f"pipeline handed on frames of dtype {frames.dtype}; expected uint8")
     return frames
 
 
