@@ -13,12 +13,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import soundfile as sf
+import torch
 from media_files import write_multichannel
 from PIL import Image
 
 from hallo3_worker.conditioning.decode import decode_audio
 from hallo3_worker.errors import ErrorCode, InputError
-from hallo3_worker.interface import Cancelled, GenerationRequest
+from hallo3_worker.interface import Cancelled, GenerationRequest, ResumeStateError
 from hallo3_worker.settings import Settings
 from hallo3_worker.tiny import build_tiny_pipeline
 from hallo3_worker.worker.service import Worker
@@ -76,7 +77,7 @@ def test_segments_frames_and_reference_reuse(pipeline, speech_2_5s: Path, tmp_pa
         request = _request(ASSETS / "face.jpg", speech_2_5s, tmp_path, steps=3)
         job = pipeline.prepare(request)
         handed_on: list[tuple[int, int, np.ndarray]] = []  # (segment, transformer calls so far, frames)
-        result = pipeline.generate(job, on_frames=lambda i, frames: handed_on.append((i, denoiser.calls, frames)))
+        result = pipeline.generate(job, on_frames=lambda done: handed_on.append((done.segment, denoiser.calls, done.frames)))
     finally:
         for hook in hooks:
             hook.remove()
@@ -103,9 +104,31 @@ def test_same_seed_same_frames_other_seed_differs(pipeline, speech_1s: Path, tmp
 
     first = frames(5)
     handed_on: list[np.ndarray] = []
-    frames(5, on_frames=lambda segment, video: handed_on.append(video))
+    frames(5, on_frames=lambda done: handed_on.append(done.frames))
     assert np.array_equal(first, np.concatenate(handed_on))  # the same frames, kept or handed on
     assert not np.array_equal(first, frames(6))
+
+
+def test_a_job_resumes_after_any_segment_with_the_frames_of_an_uninterrupted_run(pipeline, tmp_path: Path) -> None:
+    speech, rate = sf.read(ASSETS / "speech.wav", dtype="float32")
+    audio = tmp_path / "speech_4s.wav"
+    sf.write(audio, np.tile(speech, 2)[: 4 * rate], rate)  # 100 frames: 3 segments
+    job = pipeline.prepare(_request(ASSETS / "face.jpg", audio, tmp_path, seed=11, separate_vocals=False))
+    whole: list = []
+    pipeline.generate(job, on_frames=whole.append)
+    assert [done.segment for done in whole] == [0, 1, 2] and all(done.resume_state for done in whole)
+    for after in whole:  # after the last one nothing is left to generate (a job that failed in delivery)
+        rest: list = []
+        pipeline.generate(job, on_frames=rest.append, resume=after.resume_state)
+        assert [done.segment for done in rest] == list(range(after.segment + 1, 3))
+        for resumed, original in zip(rest, whole[after.segment + 1 :]):
+            assert np.array_equal(resumed.frames, original.frames) and resumed.resume_state == original.resume_state
+    other_canvas = io.BytesIO()
+    torch.save({"next_segment": 1, "motion": torch.zeros(1, 3, 2, 8, 8), "noise": torch.zeros(8, dtype=torch.uint8)},
+               other_canvas)
+    for bad in (b"not a state", other_canvas.getvalue()):  # unreadable; from another model's canvas
+        with pytest.raises(ResumeStateError):
+            pipeline.generate(job, resume=bad)
 
 
 def test_image_without_a_face_is_rejected_before_generation(pipeline, tmp_path: Path) -> None:
@@ -210,8 +233,9 @@ def test_each_input_is_decoded_once_per_job(pipeline, tmp_path: Path, monkeypatc
     result = _run_worker(pipeline, tmp_path, audio)
     assert "error" not in result, result
     assert opened.count("image.bin") == 1 and opened.count("audio.bin") == 1, opened
-    # the other files opened are the job's own: the separator's input copy and its vocals output
-    others = {name for name in opened if name not in ("image.bin", "audio.bin") and "vocals.wav" not in name}
+    # the other files opened are the job's own: the separator's input copy and its vocals, the encoded segments
+    others = {name for name in opened if name not in ("image.bin", "audio.bin")
+              and "vocals.wav" not in name and "segment_" not in name}
     assert others <= {"separator_input.wav", "output.mp4"}, opened
 
 

@@ -156,8 +156,29 @@ def raise_if_cancelled(cancel: threading.Event | None) -> None:
 
 
 ProgressCallback = Callable[[Progress], None]
-#: Receives each segment's output frames, RGB uint8 (n, H, W, 3), as soon as they are decoded.
-FrameSink = Callable[[int, np.ndarray], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentOutput:
+    """One finished segment, handed on as soon as it is decoded.
+
+    ``frames``: RGB uint8 (n, H, W, 3), following the previous segment's. ``resume_state``: opaque
+    bytes; ``generate(..., resume=resume_state)`` continues the same job after this segment and
+    gives the frames an uninterrupted run would (empty when the pipeline cannot resume).
+    """
+
+    segment: int  # 0-based
+    num_segments: int
+    frames: np.ndarray
+    resume_state: bytes = b""
+
+
+#: Receives each :class:`SegmentOutput` as soon as it exists.
+FrameSink = Callable[[SegmentOutput], None]
+
+
+class ResumeStateError(ValueError):
+    """``generate(resume=...)`` got a state it cannot use (corrupt, or not from this job); nothing has run."""
 
 
 class TalkingHeadPipeline(Protocol):
@@ -176,10 +197,13 @@ class TalkingHeadPipeline(Protocol):
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         on_frames: FrameSink | None = None,
+        resume: bytes | None = None,
     ) -> GenerationResult:
         """Run the networks; raise ``Cancelled`` if ``cancel`` gets set.
 
-        With ``on_frames`` each segment's frames are handed on as soon as they exist (and the
-        result's ``frames`` may be empty); without it the result holds them all.
+        With ``on_frames`` each segment is handed on as soon as it exists (and the result's
+        ``frames`` may be empty); without it the result holds them all. ``resume``: a
+        :attr:`SegmentOutput.resume_state` of this job; only the segments after it run (raises
+        :class:`ResumeStateError` before any work when it cannot be used).
         """
         ...

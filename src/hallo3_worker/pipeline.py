@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import logging
 import math
 import tempfile
@@ -45,6 +46,7 @@ from torch import nn
 from hallo3_worker.conditioning.audio import (
     FPS,
     MOTION_FRAMES,
+    NEW_FRAMES_PER_SEGMENT,
     AudioFeatures,
     VocalSeparatorLike,
     Wav2VecEncoder,
@@ -65,6 +67,8 @@ from hallo3_worker.interface import (
     PreparedJob,
     Progress,
     ProgressCallback,
+    ResumeStateError,
+    SegmentOutput,
     raise_if_cancelled,
 )
 from hallo3_worker.memory import device_peak_memory
@@ -106,6 +110,8 @@ class NoiseSource(Protocol):
         """Noise the sampler adds after ``step`` of ``segment``."""
         ...
 
+    # Optional: a source with ``state() -> torch.Tensor`` and ``restore(state)`` makes segments resumable.
+
 
 class SeededNoise:
     """All streams drawn in call order from one CPU generator seeded with the job's seed."""
@@ -127,6 +133,12 @@ class SeededNoise:
 
     def step(self, segment: int, step: int, like: torch.Tensor) -> torch.Tensor:
         return self._normal(tuple(like.shape))
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def restore(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +183,30 @@ class Hallo3Components:
     audio_encoder: Wav2VecEncoder
     face_analyzer: FaceAnalyzerLike
     separator: VocalSeparatorLike | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _ResumePoint:
+    """Where a job continues: the next segment, its motion frames (1, 3, 2, H, W) and the noise stream's state."""
+
+    next_segment: int
+    motion: torch.Tensor
+    noise: torch.Tensor
+
+    def dump(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"next_segment": self.next_segment, "motion": self.motion.cpu(), "noise": self.noise}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def parse(cls, data: bytes | None) -> _ResumePoint | None:
+        if data is None:
+            return None
+        try:
+            state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            return cls(int(state["next_segment"]), state["motion"], state["noise"])
+        except Exception as err:  # any unreadable state means "start over"; the caller decides
+            raise ResumeStateError(f"the resume state cannot be read: {type(err).__name__}") from None
 
 
 @dataclasses.dataclass
@@ -269,12 +305,18 @@ class Hallo3Pipeline:
         cancel: threading.Event | None = None,
         noise: NoiseSource | None = None,
         on_frames: FrameSink | None = None,
+        resume: bytes | None = None,
     ) -> GenerationResult:
         """Run the networks; frames are RGB uint8 (N, H, W, 3) with N = the audio's frame count.
 
-        ``on_frames(segment, frames)`` receives each segment's output frames as soon as they are
-        decoded; without it the frames are collected and returned in the result.
+        ``on_frames`` receives each :class:`SegmentOutput` as soon as it is decoded; without it the
+        frames are collected and returned in the result. ``resume`` continues after a segment
+        (see :meth:`TalkingHeadPipeline.generate`).
         """
+        start = _ResumePoint.parse(resume)
+        if start is not None and not (0 < start.next_segment <= num_segments(job.num_frames)
+                                      and tuple(start.motion.shape) == (1, 3, MOTION_FRAMES, *self.canvas)):
+            raise ResumeStateError(f"the resume state (segment {start.next_segment}) does not fit this job")
         noise = noise or self.noise_factory(job.request.seed)
         cancel = cancel or threading.Event()
         timings: dict[str, float] = {}
@@ -286,7 +328,7 @@ class Hallo3Pipeline:
             device_peak_memory(self.placement.device) as peak,
         ):
             shared = self.condition_job(job, noise, work_dir, cancel, timings)
-            self._segments(shared, noise, on_frames or (lambda segment, frames: kept.append(frames)), progress,
+            self._segments(shared, noise, on_frames or (lambda done: kept.append(done.frames)), start, progress,
                            cancel, timings)
         if peak.bytes is not None:
             logger.info("peak device memory of this job: %.2f GiB", peak.bytes / 2**30)
@@ -350,6 +392,7 @@ class Hallo3Pipeline:
         shared: JobConditions,
         noise: NoiseSource,
         on_frames: FrameSink,
+        start: _ResumePoint | None,
         progress: ProgressCallback | None,
         cancel: threading.Event,
         timings: dict[str, float],
@@ -357,8 +400,13 @@ class Hallo3Pipeline:
         """Condition, denoise, decode and hand on each segment; the last one is cut to the audio's length."""
         count = shared.num_segments
         motion = torch.cat([shared.image] * MOTION_FRAMES, dim=2)  # (1, 3, 2, H, W): segment 0 re-uses the image
-        emitted = 0
-        for segment in range(count):
+        first = 0
+        if start is not None:  # continue after a finished segment: its motion frames and the noise stream
+            first, motion = start.next_segment, start.motion.to(device=motion.device, dtype=motion.dtype)
+            noise.restore(start.noise)
+            logger.info("resuming at segment %d/%d", first + 1, count)
+        emitted = min(first * NEW_FRAMES_PER_SEGMENT, shared.features.audio_length)
+        for segment in range(first, count):
             raise_if_cancelled(cancel)
             started = time.perf_counter()
 
@@ -372,7 +420,8 @@ class Hallo3Pipeline:
             motion, frames = self.decode_segment(latents)
             frames = self._output_frames(frames[: shared.features.audio_length - emitted], shared)
             emitted += len(frames)
-            on_frames(segment, frames)
+            state = _ResumePoint(segment + 1, motion, noise.state()).dump() if hasattr(noise, "state") else b""
+            on_frames(SegmentOutput(segment, count, frames, state))
             timings[f"segment_{segment}"] = round(time.perf_counter() - started, 3)
             logger.info("segment %d/%d done in %.1f s", segment + 1, count, timings[f"segment_{segment}"])
 

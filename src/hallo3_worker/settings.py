@@ -28,6 +28,11 @@ Variables (all optional):
 ``HALLO3_OFFLOAD``                 What waits in CPU memory between uses: ``off`` (nothing),
                                    ``partial`` (reference network and T5), ``full`` (also the main
                                    transformer), or ``auto``: the first that fits the GPU.
+``HALLO3_JOB_STATE_DIR``           Where long jobs save their progress after every segment, so that a
+                                   job that comes back resumes (``off`` disables it). Default: a
+                                   ``hallo3-job-state`` folder on the network volume when one is
+                                   mounted, otherwise off.
+``HALLO3_JOB_STATE_MAX_AGE_H``     Saved progress untouched this long is removed (hours).
 ``HALLO3_LOG_LEVEL``               Log level, also applied to the Runpod SDK's logger (falls back to
                                    ``RUNPOD_LOG_LEVEL``, ``RUNPOD_DEBUG_LEVEL``, then INFO).
 ``BUCKET_ENDPOINT_URL``            S3-compatible endpoint for result upload (Runpod convention).
@@ -100,6 +105,9 @@ class Settings:
     log_level: str = "INFO"
     bucket: BucketSettings | None = None
     on_platform: bool = False
+    job_state_dir: Path | None = None
+    job_state_max_age_h: float = 72.0
+    job_state_stale_after_s: float = 900.0  # a lock on another host not refreshed for this long is abandoned
 
     def __post_init__(self) -> None:
         _require(self.max_image_bytes > 0, "HALLO3_MAX_IMAGE_BYTES must be positive")
@@ -118,6 +126,9 @@ class Settings:
         _require(self.log_level in _LOG_LEVELS, f"log level must be one of {', '.join(_LOG_LEVELS)}")
         _require(self.work_dir.is_absolute(), "HALLO3_WORK_DIR must be an absolute path")
         _require(self.volume_root.is_absolute(), "HALLO3_VOLUME_ROOT must be an absolute path")
+        _require(self.job_state_dir is None or self.job_state_dir.is_absolute(),
+                 "HALLO3_JOB_STATE_DIR must be an absolute path or 'off'")
+        _require(self.job_state_max_age_h > 0, "HALLO3_JOB_STATE_MAX_AGE_H must be positive")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -184,10 +195,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     ).upper()
     if log_level == "WARN":
         log_level = "WARNING"
+    volume_root = Path(_str(env, "HALLO3_VOLUME_ROOT") or defaults.volume_root)
+    state_dir = _str(env, "HALLO3_JOB_STATE_DIR")
+    if state_dir is None:
+        job_state_dir = volume_root / "hallo3-job-state" if volume_root.is_dir() else None
+    else:
+        job_state_dir = None if state_dir.strip().lower() == "off" else Path(state_dir).expanduser()
     return Settings(
         weights_dir=Path(weights).expanduser() if weights else None,
         work_dir=Path(work_dir).expanduser() if work_dir else defaults.work_dir,
-        volume_root=Path(_str(env, "HALLO3_VOLUME_ROOT") or defaults.volume_root),
+        volume_root=volume_root,
         max_image_bytes=_int(env, "HALLO3_MAX_IMAGE_BYTES", defaults.max_image_bytes),
         max_audio_bytes=_int(env, "HALLO3_MAX_AUDIO_BYTES", defaults.max_audio_bytes),
         max_image_pixels=_int(env, "HALLO3_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
@@ -206,4 +223,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         bucket=_bucket(env),
         on_platform=_str(env, "RUNPOD_WEBHOOK_POST_OUTPUT") is not None,
+        job_state_dir=job_state_dir,
+        job_state_max_age_h=_float(env, "HALLO3_JOB_STATE_MAX_AGE_H", defaults.job_state_max_age_h),
     )

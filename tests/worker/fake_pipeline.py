@@ -30,6 +30,8 @@ from hallo3_worker.interface import (
     PreparedJob,
     Progress,
     ProgressCallback,
+    ResumeStateError,
+    SegmentOutput,
 )
 from hallo3_worker.settings import Settings
 from hallo3_worker.worker.runtime import input_limits
@@ -116,8 +118,11 @@ class NoiseTalkingHeadPipeline:
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         on_frames: FrameSink | None = None,
+        resume: bytes | None = None,
     ) -> GenerationResult:
         """Produce ``job.num_frames`` frames, one 47-frame segment at a time, each handed to ``on_frames``."""
+        if resume is not None:
+            raise ResumeStateError("this double cannot continue a job")
         started = time.perf_counter()
         reference = job.data["reference"].astype(np.uint16) * 3  # (H, W, 3), weighted 3/4 below
         rng = np.random.default_rng(job.request.seed)
@@ -132,8 +137,8 @@ class NoiseTalkingHeadPipeline:
             last = min(first + SEGMENT_FRAMES, job.num_frames)
             for index in range(first, last):
                 frames[index] = self._noisy_frame(reference, rng) if index % NOISE_HOLD == 0 else frames[index - 1]
-            if on_frames is not None:
-                on_frames(segment, frames[first:last].copy())
+            if on_frames is not None:  # no resume state: this double cannot continue a job
+                on_frames(SegmentOutput(segment, segments, frames[first:last].copy()))
         if progress is not None:
             progress(Progress("decode", 1.0, segments - 1, segments))
         return GenerationResult(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import logging
 import sys
@@ -28,7 +30,7 @@ class RaisingPipeline(NoiseTalkingHeadPipeline):
         self.error = error
 
     def generate(self, job: PreparedJob, progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None, on_frames=None) -> GenerationResult:
+                 cancel: threading.Event | None = None, on_frames=None, resume=None) -> GenerationResult:
         raise self.error
 
 
@@ -41,7 +43,7 @@ class BlockingPipeline(NoiseTalkingHeadPipeline):
         self.saw_cancel = False
 
     def generate(self, job: PreparedJob, progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None, on_frames=None) -> GenerationResult:
+                 cancel: threading.Event | None = None, on_frames=None, resume=None) -> GenerationResult:
         assert cancel is not None
         if progress is not None:
             progress(Progress("denoise", 0.0, 0, 3))
@@ -97,11 +99,12 @@ def test_internal_errors_are_generic_and_logged(make_runner, settings: Settings,
 
 def test_bad_pipeline_output_is_an_internal_error(make_runner, settings: Settings, inputs) -> None:
     class WrongFrames(NoiseTalkingHeadPipeline):
-        def generate(self, job, progress=None, cancel=None, on_frames=None):  # type: ignore[override]
-            return super().generate(job, progress, cancel, lambda i, frames: on_frames(i, frames.astype("float32")))
+        def generate(self, job, progress=None, cancel=None, on_frames=None, resume=None):  # type: ignore[override]
+            return super().generate(job, progress, cancel, lambda done: on_frames(
+                dataclasses.replace(done, frames=done.frames.astype("float32"))))
 
     class NoFrames(NoiseTalkingHeadPipeline):
-        def generate(self, job, progress=None, cancel=None, on_frames=None):  # type: ignore[override]
+        def generate(self, job, progress=None, cancel=None, on_frames=None, resume=None):  # type: ignore[override]
             return super().generate(job, progress, cancel)  # keeps the frames instead of handing them on
 
     assert make_runner(settings, WrongFrames(settings))(inputs)["error_code"] == ErrorCode.INTERNAL_ERROR.value

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import sys
@@ -34,16 +35,18 @@ from hallo3_worker.interface import (
     Cancelled,
     GenerationRequest,
     Progress,
+    ResumeStateError,
+    SegmentOutput,
     TalkingHeadPipeline,
     raise_if_cancelled,
 )
 from hallo3_worker.settings import Settings, load_settings
 from hallo3_worker.timing import timed
-from hallo3_worker.worker import media
+from hallo3_worker.worker import job_state, media
 from hallo3_worker.worker.delivery import deliver, safe_key_part
 from hallo3_worker.worker.inputs import describe, fetch_media
 from hallo3_worker.worker.runtime import TINY_MODEL_WARNING, configure_logging, input_limits, load_pipeline
-from hallo3_worker.worker.schema import parse_job
+from hallo3_worker.worker.schema import JobSpec, parse_job
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +141,10 @@ class Worker:
             inputs = decode_inputs(image.path, audio.path, input_limits(self.settings), spec.max_duration_s)
         raise_if_cancelled(cancel)
 
+        state, saved = self._claim_state(job, spec, [image.path, audio.path])
+        if saved is not None:
+            spec = dataclasses.replace(spec, seed=saved.seed)  # a drawn seed is part of what was saved
+            report.extra["resumed_from_segment"] = saved.next_segment + 1
         request = GenerationRequest(
             image_path=image.path,
             audio_path=audio.path,
@@ -156,10 +163,17 @@ class Worker:
             with timed(timings, "prepare"):
                 prepared = self.pipeline.prepare(request)
             raise_if_cancelled(cancel)
-            encoder = _SegmentEncoder(job_dir / "segments", prepared.fps, self.settings, timings)
+            encoder = _SegmentEncoder(job_dir / "segments", prepared.fps, self.settings, timings, spec.seed, state, saved)
             with timed(timings, "generate"):
-                result = self.pipeline.generate(prepared, progress=report.pipeline, cancel=cancel,
-                                                on_frames=encoder.encode)
+                try:
+                    result = self.pipeline.generate(prepared, progress=report.pipeline, cancel=cancel,
+                                                    on_frames=encoder.encode, resume=saved and saved.resume)
+                except ResumeStateError as err:  # state never fails a job: start over
+                    logger.warning("Job %s: %s; starting over", _job_ref(job), err)
+                    encoder.start_over()
+                    report.extra.clear()
+                    result = self.pipeline.generate(prepared, progress=report.pipeline, cancel=cancel,
+                                                    on_frames=encoder.encode)
         raise_if_cancelled(cancel)
 
         report.stage("encode")
@@ -170,10 +184,12 @@ class Worker:
         report.stage("deliver")
         with timed(timings, "deliver"):
             delivered = deliver(video.path, spec, self.settings)
+        if state is not None:
+            state.remove()
         for name, seconds in result.timings.items():
             timings[f"generate_{name}"] = round(float(seconds), 3)
         timings["total"] = round(time.perf_counter() - started, 3)
-        return {
+        return report.extra | {
             "video": delivered.video,
             "video_type": delivered.video_type,
             "seed": spec.seed,
@@ -189,6 +205,25 @@ class Worker:
             "timings": timings,
             "warnings": _unique(warnings + prepared.warnings + result.warnings + delivered.warnings),
         }
+
+    def _claim_state(self, job: Mapping[str, Any], spec: JobSpec, files: list[Path]
+                     ) -> tuple[job_state.JobState | None, job_state.SavedProgress | None]:
+        """This job's state folder and what it saved before, when saving is on (``HALLO3_JOB_STATE_DIR``)."""
+        s = self.settings
+        if s.job_state_dir is None:
+            return None, None
+        job_state.expire(s.job_state_dir, s.job_state_max_age_h * 3600)
+        given_seed = (job.get("input") or {}).get("seed")  # a drawn seed is restored, not compared
+        fields = {"prompt": spec.prompt, "seed": given_seed, "steps": spec.steps, "guidance": spec.guidance,
+                  "framing": spec.framing.value, "separate_vocals": spec.separate_vocals,
+                  "max_duration_s": spec.max_duration_s, "crf": s.video_crf, "preset": s.video_preset,
+                  "model": str(s.weights_dir) if s.weights_dir else "tiny", "format": job_state.FORMAT}
+        digest = job_state.input_digest(files, fields)
+        state = job_state.JobState.claim(s.job_state_dir, _job_ref(job), digest, s.job_state_stale_after_s)
+        saved = state.load() if state is not None else None
+        if saved is not None:
+            logger.info("Job %s: resuming after segment %d from saved state", _job_ref(job), saved.next_segment)
+        return state, saved
 
     def _remove_stale_job_dirs(self) -> None:
         """Job folders left by a process that died mid-job (nothing runs yet at start-up)."""
@@ -224,23 +259,38 @@ def _job_dir(base: Path, ref: str) -> Iterator[Path]:
 
 
 class _SegmentEncoder:
-    """Encodes each segment the pipeline hands on into its own MP4 as soon as it arrives (no frames kept)."""
+    """Encodes each segment the pipeline hands on into its own MP4 as soon as it arrives (no frames kept).
 
-    def __init__(self, folder: Path, fps: int, settings: Settings, timings: dict[str, float]) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder, self.fps, self.settings, self.timings = folder, fps, settings, timings
-        self.segments: list[Path] = []
-        self.frames = 0
+    With a job state the segments go into its folder and each is recorded there with the pipeline's
+    resume state; saved segments of a resumed job come first.
+    """
 
-    def encode(self, segment: int, frames: np.ndarray) -> None:
-        frames = _checked_frames(frames)
+    def __init__(self, folder: Path, fps: int, settings: Settings, timings: dict[str, float], seed: int,
+                 state: job_state.JobState | None, saved: job_state.SavedProgress | None) -> None:
+        self.folder = state.folder if state is not None else folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fps, self.settings, self.timings, self.seed, self.state = fps, settings, timings, seed, state
+        self.segments: list[Path] = list(saved.segments) if saved else []
+        self.frames = saved.frames if saved else 0
+
+    def encode(self, done: SegmentOutput) -> None:
+        frames = _checked_frames(done.frames)
         started = time.perf_counter()
-        path = self.folder / f"segment_{segment:05d}.mp4"
-        media.encode_segment(frames, self.fps, path, first_frame=self.frames, crf=self.settings.video_crf,
+        path = self.folder / f"segment_{done.segment:05d}.mp4"
+        partial = path.with_name(f".{path.name}.partial")
+        media.encode_segment(frames, self.fps, partial, first_frame=self.frames, crf=self.settings.video_crf,
                              preset=self.settings.video_preset)
+        partial.replace(path)
         self.segments.append(path)
         self.frames += len(frames)
+        if self.state is not None:
+            self.state.save(self.seed, path, len(frames), done.resume_state)
         self.timings["encode"] = round(self.timings.get("encode", 0.0) + time.perf_counter() - started, 3)
+
+    def start_over(self) -> None:
+        self.segments, self.frames = [], 0
+        if self.state is not None:
+            self.state.clear()
 
     def finished(self) -> list[Path]:
         if not self.segments:
@@ -315,6 +365,7 @@ class _ProgressReporter:
         self.job = job
         self.on_platform = on_platform
         self.sender = sender
+        self.extra: dict[str, Any] = {}  # sent with every update and returned with the result
         self._last: tuple[Any, ...] | None = None
 
     def stage(self, name: str) -> None:
@@ -330,6 +381,7 @@ class _ProgressReporter:
         self._emit(payload)
 
     def _emit(self, payload: dict[str, Any]) -> None:
+        payload.update(self.extra)
         key = (payload["stage"], payload.get("segment"))
         if key == self._last:
             return
