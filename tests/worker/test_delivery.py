@@ -112,3 +112,40 @@ def test_sdk_local_fallback_is_never_returned(run_job, inputs, monkeypatch: pyte
     auto = run_job(inputs, s3Config=s3_config(moto_endpoint, bucket))
     assert auto["video_type"] == "base64" and "local_upload" not in auto["video"][:100]
     assert not (_isolated_env / "local_upload").exists()  # the SDK's copy was removed
+
+
+def test_each_finished_segment_is_announced_with_its_url(make_runner, tmp_path: Path, moto_endpoint: str, bucket: str,
+                                                         progress, face_jpg: bytes) -> None:
+    from worker_support import voice_like, wav_bytes
+
+    settings = load_settings({
+        "HALLO3_WORK_DIR": str(tmp_path / "work"), "HALLO3_VIDEO_PRESET": "ultrafast",
+        "BUCKET_ENDPOINT_URL": moto_endpoint, "BUCKET_ACCESS_KEY_ID": "moto-access",
+        "BUCKET_SECRET_ACCESS_KEY": SECRET, "BUCKET_NAME": bucket, "RUNPOD_WEBHOOK_POST_OUTPUT": "https://x.invalid",
+    })
+    result = make_runner(settings)({"image": b64(face_jpg), "audio": b64(wav_bytes(voice_like(2.5)))})  # 2 segments
+    assert result["video_type"] == "url", result
+    stages = [(p["stage"], p.get("segment")) for _, p in progress.calls]
+    assert stages.index(("segment_ready", 1)) < stages.index(("denoise", 2)) < stages.index(("segment_ready", 2))
+    ready = [p for _, p in progress.calls if p["stage"] == "segment_ready"]
+    assert [(p["segment_start_s"], p["segment_duration_s"], p["num_segments"]) for p in ready] == [(0, 1.88, 2),
+                                                                                                  (1.88, 0.64, 2)]
+    frames = [probe_mp4(fetch_url(p["segment_url"]))["frames"] for p in ready]
+    assert [len(f) for f in frames] == [47, 16]
+    later = [p for _, p in progress.calls if p["stage"] != "segment_ready" and "segment_urls" in p]
+    assert later and later[-1]["segment_urls"] == [p["segment_url"] for p in ready]  # a poller that missed one
+    assert ready[1]["segment_urls"] == [ready[0]["segment_url"], ready[1]["segment_url"]]
+    assert SECRET not in str(progress.calls)
+
+
+def test_no_segment_uploads_for_an_inline_result(make_runner, tmp_path: Path, moto_endpoint: str, bucket: str,
+                                                 progress, s3_client, inputs) -> None:
+    settings = load_settings({
+        "HALLO3_WORK_DIR": str(tmp_path / "work"), "BUCKET_ENDPOINT_URL": moto_endpoint,
+        "BUCKET_ACCESS_KEY_ID": "moto-access", "BUCKET_SECRET_ACCESS_KEY": SECRET, "BUCKET_NAME": bucket,
+        "RUNPOD_WEBHOOK_POST_OUTPUT": "https://x.invalid",
+    })
+    result = make_runner(settings)({**inputs, "output": {"mode": "base64"}})
+    assert result["video_type"] == "base64"
+    assert "Contents" not in s3_client.list_objects_v2(Bucket=bucket)
+    assert all(p["stage"] != "segment_ready" for _, p in progress.calls)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -24,16 +25,15 @@ def test_job() -> dict[str, Any]:
     return json.loads((REPO_ROOT / "test_input.json").read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+@contextlib.contextmanager
+def _serve(tmp: Path, **extra_env: str) -> Iterator[tuple[str, Path, Path]]:
     """The worker's local API on 127.0.0.1:<free port>; yields (base URL, work dir, log file)."""
-    tmp = tmp_path_factory.mktemp("serve")
     work_dir, log = tmp / "work", tmp / "server.log"
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in PROXY_VARS and not k.startswith(("BUCKET_", "RUNPOD_", "HALLO3_"))}
     env.update({"HALLO3_WORK_DIR": str(work_dir), "HALLO3_VIDEO_PRESET": "ultrafast", "NO_PROXY": "127.0.0.1",
-                "UVICORN_LOG_LEVEL": "warning"})
+                "UVICORN_LOG_LEVEL": "warning", **extra_env})
     command = [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
                "--rp_api_port", str(port)]
     with open(log, "wb") as log_file:
@@ -46,6 +46,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         yield f"http://127.0.0.1:{port}", work_dir, log
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    with _serve(tmp_path_factory.mktemp("serve")) as served:
+        yield served
 
 
 def check_output(output: dict[str, Any], job_input: dict[str, Any]) -> None:
@@ -89,3 +95,26 @@ def test_runsync_error_is_a_failed_job(server) -> None:
     assert body["status"] == "FAILED" and "stepz" in body["error"] and "Did you mean 'steps'" in body["error"]
     assert "Traceback" not in body["error"]
     assert time.monotonic() - started < 10
+
+
+def test_finished_segments_reach_the_bucket_before_the_job_ends(tmp_path: Path, moto_endpoint: str, bucket: str,
+                                                                 s3_client, face_jpg: bytes) -> None:
+    """With the endpoint's bucket, each segment is uploaded as soon as it is encoded (its URL goes out in a
+    progress update on Runpod; the local API shows no progress, so the bucket is checked)."""
+    from worker_support import b64, voice_like, wav_bytes
+
+    env = {"BUCKET_ENDPOINT_URL": moto_endpoint, "BUCKET_ACCESS_KEY_ID": "moto-access",
+           "BUCKET_SECRET_ACCESS_KEY": "moto-secret", "BUCKET_NAME": bucket}
+    with _serve(tmp_path, **env) as (base, _, log):
+        job = {"image": b64(face_jpg), "audio": b64(wav_bytes(voice_like(2.5))), "seed": 5, "steps": 2}  # 2 segments
+        queued = requests.post(f"{base}/run", json={"input": job}, timeout=30, proxies=NO_PROXY).json()
+        body = requests.post(f"{base}/status/{queued['id']}", timeout=300, proxies=NO_PROXY).json()
+    assert body["status"] == "COMPLETED", body
+    keys = sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"])
+    job_id = queued["id"]
+    assert keys == [f"{job_id}/segments/segment_00000.mp4", f"{job_id}/segments/segment_00001.mp4",
+                    f"{job_id}/{job_id}.mp4"], keys
+    segments = [s3_client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys[:2]]
+    assert [len(probe_mp4(data)["frames"]) for data in segments] == [47, 16]  # each plays on its own
+    text = log.read_text(errors="replace")
+    assert text.index("segment_ready segment 1/2") < text.index("denoise segment 2/2")  # before the next one ran

@@ -1,4 +1,4 @@
-"""Returns the finished MP4: bucket upload (presigned URL) or inline base64.
+"""Returns the finished MP4: bucket upload (presigned URL) or inline base64; finished segments early.
 
 Order for ``output.mode == "auto"``:
 
@@ -6,6 +6,9 @@ Order for ``output.mode == "auto"``:
 2. the endpoint's ``BUCKET_*`` settings;
 3. inline base64 when the encoded text fits ``inline_output_max_bytes``;
 4. otherwise ``OUTPUT_TOO_LARGE``.
+
+When the video goes to a bucket, :func:`upload_segment` puts each finished segment there too (under
+``<job>/segments/``) as soon as it exists, so a caller can watch it before the job ends.
 
 Uploads go through :func:`runpod.serverless.utils.rp_upload.upload_file_to_bucket` with explicit
 credentials, bucket name and ``ContentType: video/mp4``. That helper silently copies the file to a
@@ -93,11 +96,26 @@ def deliver(video_path: Path, spec: JobSpec, settings: Settings) -> Delivered:
             raise DeliveryError(ErrorCode.BUCKET_NOT_CONFIGURED, "output.mode 's3' needs a bucket.")
         return _inline(video_path, settings, [])
     try:
-        return Delivered(_upload(video_path, spec, bucket), "url")
+        job_part = safe_key_part(spec.job_id)
+        return Delivered(_upload(video_path, spec.output.filename or f"{job_part}.mp4", job_part, bucket), "url")
     except _UploadFailed as err:
         if mode is OutputMode.S3 or inline_size(video_path.stat().st_size) > settings.inline_output_max_bytes:
             raise DeliveryError(ErrorCode.UPLOAD_FAILED, str(err)) from None
         return _inline(video_path, settings, [f"{err} The video is returned inline instead."])
+
+
+def upload_segment(segment_path: Path, spec: JobSpec, settings: Settings) -> str | None:
+    """Upload one finished segment next to where the video will go; its presigned URL, or None.
+
+    Only when the video itself goes to a bucket; a failed upload is logged and never fails the job.
+    """
+    bucket = None if spec.output.mode is OutputMode.BASE64 else choose_bucket(spec, settings)
+    if bucket is None:
+        return None
+    try:
+        return _upload(segment_path, segment_path.name, f"{safe_key_part(spec.job_id)}/segments", bucket)
+    except _UploadFailed:
+        return None
 
 
 def _inline(video_path: Path, settings: Settings, warnings: list[str]) -> Delivered:
@@ -117,13 +135,12 @@ class _UploadFailed(Exception):
     pass
 
 
-def _upload(video_path: Path, spec: JobSpec, bucket: Bucket) -> str:
-    """Upload through the SDK and return the presigned URL; raise ``_UploadFailed``."""
+def _upload(video_path: Path, filename: str, folder: str, bucket: Bucket) -> str:
+    """Upload as ``<bucket prefix>/<folder>/<filename>`` through the SDK and return the presigned URL;
+    raise ``_UploadFailed``."""
     from runpod.serverless.utils import rp_upload  # the SDK import is slow; keep it lazy
 
-    job_part = safe_key_part(spec.job_id)
-    filename = spec.output.filename or f"{job_part}.mp4"
-    prefix = "/".join(p for p in (bucket.prefix, job_part) if p)
+    prefix = "/".join(p for p in (bucket.prefix, folder) if p)
     where = f"bucket '{bucket.bucket_name}' at {redact_url(bucket.endpoint_url, 60)}"
     try:
         result = rp_upload.upload_file_to_bucket(

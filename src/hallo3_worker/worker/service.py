@@ -43,7 +43,7 @@ from hallo3_worker.interface import (
 from hallo3_worker.settings import Settings, load_settings
 from hallo3_worker.timing import timed
 from hallo3_worker.worker import job_state, media
-from hallo3_worker.worker.delivery import deliver, safe_key_part
+from hallo3_worker.worker.delivery import deliver, safe_key_part, upload_segment
 from hallo3_worker.worker.inputs import describe, fetch_media
 from hallo3_worker.worker.runtime import TINY_MODEL_WARNING, configure_logging, input_limits, load_pipeline
 from hallo3_worker.worker.schema import JobSpec, parse_job
@@ -164,6 +164,8 @@ class Worker:
                 prepared = self.pipeline.prepare(request)
             raise_if_cancelled(cancel)
             encoder = _SegmentEncoder(job_dir / "segments", prepared.fps, self.settings, timings, spec.seed, state, saved)
+            encoder.ready = lambda path, done, start_s, duration_s: self._segment_ready(spec, report, path, done,
+                                                                                         start_s, duration_s)
             with timed(timings, "generate"):
                 try:
                     result = self.pipeline.generate(prepared, progress=report.pipeline, cancel=cancel,
@@ -205,6 +207,13 @@ class Worker:
             "timings": timings,
             "warnings": _unique(warnings + prepared.warnings + result.warnings + delivered.warnings),
         }
+
+    def _segment_ready(self, spec: JobSpec, report: _ProgressReporter, path: Path, done: SegmentOutput,
+                       start_s: float, duration_s: float) -> None:
+        """Hand a finished segment on early when the video goes to a bucket: uploaded, its URL in a progress update."""
+        url = upload_segment(path, spec, self.settings)
+        if url is not None:
+            report.segment_ready(done.segment, done.num_segments, url, start_s, duration_s)
 
     def _claim_state(self, job: Mapping[str, Any], spec: JobSpec, files: list[Path]
                      ) -> tuple[job_state.JobState | None, job_state.SavedProgress | None]:
@@ -272,6 +281,8 @@ class _SegmentEncoder:
         self.fps, self.settings, self.timings, self.seed, self.state = fps, settings, timings, seed, state
         self.segments: list[Path] = list(saved.segments) if saved else []
         self.frames = saved.frames if saved else 0
+        #: Called with (segment file, segment, start s, duration s) once a segment is encoded and saved.
+        self.ready: Callable[[Path, SegmentOutput, float, float], None] | None = None
 
     def encode(self, done: SegmentOutput) -> None:
         frames = _checked_frames(done.frames)
@@ -286,6 +297,8 @@ class _SegmentEncoder:
         if self.state is not None:
             self.state.save(self.seed, path, len(frames), done.resume_state)
         self.timings["encode"] = round(self.timings.get("encode", 0.0) + time.perf_counter() - started, 3)
+        if self.ready is not None:
+            self.ready(path, done, (self.frames - len(frames)) / self.fps, len(frames) / self.fps)
 
     def start_over(self) -> None:
         self.segments, self.frames = [], 0
@@ -366,6 +379,7 @@ class _ProgressReporter:
         self.on_platform = on_platform
         self.sender = sender
         self.extra: dict[str, Any] = {}  # sent with every update and returned with the result
+        self.segment_urls: list[str] = []  # every update repeats them: a poller sees only the latest update
         self._last: tuple[Any, ...] | None = None
 
     def stage(self, name: str) -> None:
@@ -380,8 +394,17 @@ class _ProgressReporter:
             payload["num_segments"] = progress.num_segments
         self._emit(payload)
 
+    def segment_ready(self, segment: int, num_segments: int, url: str, start_s: float, duration_s: float) -> None:
+        self.segment_urls.append(url)
+        low, high = _GENERATE_SPAN
+        self._emit({"stage": "segment_ready", "progress": round(low + (high - low) * (segment + 1) / num_segments, 3),
+                    "segment": segment + 1, "num_segments": num_segments, "segment_url": url,
+                    "segment_start_s": round(start_s, 3), "segment_duration_s": round(duration_s, 3)})
+
     def _emit(self, payload: dict[str, Any]) -> None:
         payload.update(self.extra)
+        if self.segment_urls:
+            payload["segment_urls"] = list(self.segment_urls)
         key = (payload["stage"], payload.get("segment"))
         if key == self._last:
             return
