@@ -163,7 +163,8 @@ class Worker:
             with timed(timings, "prepare"):
                 prepared = self.pipeline.prepare(request)
             raise_if_cancelled(cancel)
-            encoder = _SegmentEncoder(job_dir / "segments", prepared.fps, self.settings, timings, spec.seed, state, saved)
+            encoder = _SegmentEncoder(job_dir / "segments", prepared.fps, self.settings, timings, spec.seed, state,
+                                      saved)
             encoder.ready = lambda path, done, start_s, duration_s: self._segment_ready(spec, report, path, done,
                                                                                          start_s, duration_s)
             with timed(timings, "generate"):
