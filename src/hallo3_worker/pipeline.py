@@ -480,9 +480,9 @@ class Hallo3Pipeline:
         height, width = shared.output_size
         if video.shape[1:3] == (height, width):
             return video
-        tensor = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2).float()
-        resized = torch.nn.functional.interpolate(tensor, size=(height, width), mode="nearest")
-        return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        tensor = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2)  # (n, 3, h, w) uint8
+        resized = torch.nn.functional.interpolate(tensor, size=(height, width), mode="nearest")  # no float copy
+        return np.ascontiguousarray(resized.permute(0, 2, 3, 1).numpy())
 
     @contextlib.contextmanager
     def _visiting(self, module: nn.Module, offloaded: bool | None = None) -> Iterator[None]:

@@ -122,30 +122,34 @@ def encode_segment(frames: np.ndarray, fps: int, out_path: Path, *, first_frame:
 
 
 def mux_segments(segments: list[Path], fps: int, audio: DecodedAudio | None, out_path: Path) -> EncodedVideo:
-    """Join encoded segments (no second encode) and the job's audio, cut to the video's length, into ``out_path``."""
-    sources = [av.open(str(path)) for path in segments]
-    try:
-        streams = [source.streams.video[0] for source in sources]
-        total = sum(stream.frames for stream in streams)
-        count = 0
-        with av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
-            video = container.add_stream_from_template(streams[0])
-            track = _AudioTrack(container, *audio_for_mux(audio, total / fps)) if audio is not None else None
-            for source, stream in zip(sources, streams):
-                for packet in source.demux(stream):
+    """Join encoded segments (no second encode) and the job's audio, cut to the video's length, into ``out_path``.
+
+    The segments are opened one at a time, so a long clip's hundreds of segments need no more memory
+    or file handles than one.
+    """
+    total = 0
+    for path in segments:
+        with av.open(str(path)) as source:
+            total += source.streams.video[0].frames
+    count = 0
+    with av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
+        with av.open(str(segments[0])) as first:
+            template = first.streams.video[0]
+            video = container.add_stream_from_template(template)
+            width, height = template.codec_context.width, template.codec_context.height
+        track = _AudioTrack(container, *audio_for_mux(audio, total / fps)) if audio is not None else None
+        for path in segments:
+            with av.open(str(path)) as source:
+                for packet in source.demux(source.streams.video[0]):
                     if packet.dts is None:  # the demuxer's empty end-of-stream packet
                         continue
                     packet.stream = video
                     container.mux(packet)
                     count += 1
-                if track is not None:  # keep audio and video interleaved in time
-                    track.feed_until(count / fps)
-            if track is not None:
-                track.finish()
-        width, height = streams[0].codec_context.width, streams[0].codec_context.height
-    finally:
-        for source in sources:
-            source.close()
+            if track is not None:  # keep audio and video interleaved in time
+                track.feed_until(count / fps)
+        if track is not None:
+            track.finish()
     return EncodedVideo(out_path, width, height, fps, count, count / fps, track is not None, out_path.stat().st_size)
 
 
