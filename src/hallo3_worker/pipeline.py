@@ -17,11 +17,14 @@ Generation, as upstream's ``sample_video.py`` computes it (spec section 1), exce
    upstream's latent chunks; the first 2 frames of every segment are dropped. Exactly
    ``ceil(frames / 47)`` segments run (upstream runs one more when padding pushes the audio past a
    multiple of 47; that segment only produces frames that are cropped away).
-5. Frames are stitched, cut to the audio length, converted to uint8 by truncation and cropped to
-   the output region (480x480 for square inputs).
+5. Each segment's frames are converted to uint8 by truncation, cropped to the output region
+   (480x480 for square inputs), cut at the audio's length and handed on as soon as they exist.
 
-All randomness comes from a :class:`NoiseSource`; :class:`SeededNoise` draws every stream from
-one CPU ``torch.Generator`` seeded by the job's seed, so a seed gives the same video on any device.
+Steps 1-3 are :meth:`Hallo3Pipeline.condition_job`; step 4 is ``condition_segment`` ->
+``denoise_segment`` -> ``decode_segment`` per segment. All randomness comes from a
+:class:`NoiseSource`; :class:`SeededNoise` draws every stream from one CPU ``torch.Generator``
+seeded by the job's seed, so a seed gives the same video on any device, and its state after a
+segment (with that segment's motion frames) lets a job resume there with the same frames.
 """
 
 from __future__ import annotations
