@@ -15,7 +15,7 @@ from worker_support import b64, jpeg_bytes, probe_mp4
 from hallo3_worker.conditioning.decode import decode_audio
 from hallo3_worker.errors import ErrorCode
 from hallo3_worker.interface import DecodedAudio
-from hallo3_worker.worker.media import encode_mp4, encode_segment, mux_segments
+from hallo3_worker.worker.media import encode_segment, mux_segments
 from fake_pipeline import WARNING as PLACEHOLDER_WARNING
 from fake_pipeline import NoiseTalkingHeadPipeline
 from hallo3_worker.worker.runtime import TINY_MODEL_WARNING
@@ -80,7 +80,8 @@ def test_audio_at_a_rate_aac_lacks_is_resampled_for_the_mux(tmp_path) -> None:
     t = np.arange(rate) / rate
     stereo = np.stack([np.sin(2 * np.pi * 300 * t), 0.5 * np.sin(2 * np.pi * 500 * t)]).astype(np.float32) * 0.4
     frames = np.zeros((25, 64, 64, 3), np.uint8)
-    video = encode_mp4(frames, 25, DecodedAudio(stereo, rate), tmp_path / "out.mp4")
+    segment = encode_segment(frames, 25, tmp_path / "segment.mp4")
+    video = mux_segments([segment], 25, DecodedAudio(stereo, rate), tmp_path / "out.mp4")
     assert video.has_audio and video.frames == 25
     muxed = decode_audio(tmp_path / "out.mp4")
     assert (muxed.sample_rate, muxed.channels) == (48_000, 2)

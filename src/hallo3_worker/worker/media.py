@@ -1,8 +1,10 @@
-"""The single H.264 + AAC encode of the result.
+"""The H.264 + AAC result: each segment encoded as soon as it exists, then joined with the audio.
 
-:func:`encode_mp4` writes frames plus the job's ORIGINAL audio (as decoded once by
-:mod:`hallo3_worker.conditioning.decode`) as one MP4 (H.264 yuv420p + AAC, ``+faststart``),
-trimming the audio to the video's length.
+:func:`encode_segment` encodes one segment's frames as its own closed group of pictures (a
+video-only MP4 that plays on its own); :func:`mux_segments` joins the segments' packets, without a
+second encode, with the job's ORIGINAL audio (as decoded once by
+:mod:`hallo3_worker.conditioning.decode`) into one MP4 (H.264 yuv420p + AAC, ``+faststart``),
+cutting the audio to the video's length.
 """
 
 from __future__ import annotations
@@ -151,24 +153,3 @@ def mux_segments(segments: list[Path], fps: int, audio: DecodedAudio | None, out
         if track is not None:
             track.finish()
     return EncodedVideo(out_path, width, height, fps, count, count / fps, track is not None, out_path.stat().st_size)
-
-
-def encode_mp4(
-    frames: np.ndarray,
-    fps: int,
-    audio: DecodedAudio | None,
-    out_path: Path,
-    *,
-    crf: int = 18,
-    preset: str = "medium",
-) -> EncodedVideo:
-    """Encode RGB uint8 frames (N, H, W, 3) at ``fps`` plus the job's decoded ``audio`` into ``out_path``.
-
-    One segment through :func:`encode_segment` and :func:`mux_segments`. The audio is cut to the
-    video's length (N / fps); the video is never padded or cut.
-    """
-    segment = encode_segment(frames, fps, out_path.with_suffix(".video.mp4"), crf=crf, preset=preset)
-    try:
-        return mux_segments([segment], fps, audio, out_path)
-    finally:
-        segment.unlink(missing_ok=True)
