@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import shutil
 import sys
@@ -164,9 +165,7 @@ class Worker:
                 prepared = self.pipeline.prepare(request)
             raise_if_cancelled(cancel)
             encoder = _SegmentEncoder(job_dir / "segments", prepared.fps, self.settings, timings, spec.seed, state,
-                                      saved)
-            encoder.ready = lambda path, done, start_s, duration_s: self._segment_ready(spec, report, path, done,
-                                                                                         start_s, duration_s)
+                                      saved, ready=functools.partial(self._segment_ready, spec, report))
             with timed(timings, "generate"):
                 try:
                     result = self.pipeline.generate(prepared, progress=report.pipeline, cancel=cancel,
@@ -276,14 +275,14 @@ class _SegmentEncoder:
     """
 
     def __init__(self, folder: Path, fps: int, settings: Settings, timings: dict[str, float], seed: int,
-                 state: job_state.JobState | None, saved: job_state.SavedProgress | None) -> None:
+                 state: job_state.JobState | None, saved: job_state.SavedProgress | None,
+                 ready: Callable[[Path, SegmentOutput, float, float], None] | None = None) -> None:
         self.folder = state.folder if state is not None else folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.fps, self.settings, self.timings, self.seed, self.state = fps, settings, timings, seed, state
         self.segments: list[Path] = list(saved.segments) if saved else []
         self.frames = saved.frames if saved else 0
-        #: Called with (segment file, segment, start s, duration s) once a segment is encoded and saved.
-        self.ready: Callable[[Path, SegmentOutput, float, float], None] | None = None
+        self.ready = ready  # called with (segment file, segment, start s, duration s) once it is encoded and saved
 
     def encode(self, done: SegmentOutput) -> None:
         frames = _checked_frames(done.frames)
