@@ -1,0 +1,42 @@
+"""``pip install ./client`` into a fresh virtual environment: the command works and torch is not there."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Proxy settings as the test run found them (the autouse fixture hides them from the tests): pip may need them.
+_PROXIES = {k: v for k, v in os.environ.items() if k.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
+
+
+@pytest.mark.slow
+def test_client_installs_into_a_fresh_venv_without_torch(tmp_path: Path) -> None:
+    source = tmp_path / "client"  # a copy, so that the build leaves nothing in the working tree
+    shutil.copytree(REPO_ROOT / "client", source, ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=180)
+    python, hallo3 = venv / "bin" / "python", venv / "bin" / "hallo3"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(_PROXIES)
+
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(source)], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stdout + install.stderr
+
+    shown = subprocess.run([str(hallo3), "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "usage: hallo3" in shown.stdout and "run" in shown.stdout and "cancel" in shown.stdout
+    run_help = subprocess.run([str(hallo3), "run", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert run_help.returncode == 0 and "--upload" in run_help.stdout
+
+    torch = subprocess.run([str(python), "-c", "import torch"], env=env, capture_output=True, text=True, timeout=60)
+    assert torch.returncode != 0 and "No module named 'torch'" in torch.stderr
+    probe = "import importlib.util as u, hallo3_client; print([m for m in ('runpod', 'boto3') if u.find_spec(m)])"
+    absent = subprocess.run([str(python), "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert absent.returncode == 0 and absent.stdout.strip() == "[]", absent.stderr  # boto3 only with [s3]
