@@ -22,6 +22,7 @@ from hallo3_worker.conditioning.separation import VocalSeparator
 from hallo3_worker.conditioning.text import T5TextEncoder
 from hallo3_worker.interface import GenerationRequest
 from hallo3_worker.models.cpu_speedups import use_onednn_conv3d
+from hallo3_worker.models.layers import fuse_projections
 from hallo3_worker.models.vae import Hallo3VAE
 from hallo3_worker.pipeline import Hallo3Components, Hallo3Pipeline, Placement
 from hallo3_worker.settings import Settings, load_settings
@@ -95,7 +96,10 @@ def test_folder_pipeline_equals_the_directly_assembled_one(weights, speech_1s: P
     assert isinstance(separator, VocalSeparator) and separator.loaded
     assert separator.model_dir == weights.root / hw.AUDIO_SEPARATOR_DIR
 
-    # Every network tensor is the one written, in the right network.
+    # Every network tensor is the one written, in the right network (the pipeline fuses the
+    # attention projections after loading, so the written networks are fused the same way).
+    fuse_projections(weights.transformer)
+    fuse_projections(weights.reference_net)
     for loaded, source in ((built.components.transformer, weights.transformer),
                            (built.components.reference_net, weights.reference_net),
                            (built.components.vae.vae, weights.vae)):

@@ -312,5 +312,5 @@ def test_full_offload_keeps_the_transformer_away_from_the_vae_decode(speech_2_5s
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
     assert all(ff.chunk_tokens == 8 for ff in full.components.transformer.modules() if hasattr(ff, "chunk_tokens"))
     assert torch.equal(
-        full.components.transformer.blocks[0].attn.to_q.weight, plain.components.transformer.blocks[0].attn.to_q.weight
+        full.components.transformer.blocks[0].attn.to_qkv.weight, plain.components.transformer.blocks[0].attn.to_qkv.weight
     )

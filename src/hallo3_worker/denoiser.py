@@ -33,12 +33,15 @@ class SegmentConditions:
 
 
 def guidance_model_fn(
-    transformer: Hallo3Transformer, conditions: SegmentConditions, reference: list[torch.Tensor]
+    transformer: Hallo3Transformer,
+    conditions: SegmentConditions,
+    reference: list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]],
 ) -> ModelFn:
     """Return model_fn(x, timesteps) for :func:`hallo3_worker.sampling.sample`.
 
-    reference: the reference network's per-block tokens, batch B. With B = 1 (one job) both
-        halves of the guided batch share the same tensors instead of a doubled copy.
+    reference: the reference network's per-block tokens, batch B, or their per-block (k, v) pairs
+        (:meth:`Hallo3Transformer.reference_kv`). With B = 1 (one job) both halves of the guided
+        batch share the same tensors instead of a doubled copy.
     """
     c = conditions
     with torch.no_grad():
@@ -47,11 +50,16 @@ def guidance_model_fn(
         audio_tokens, face_tokens = transformer.encode_conditions(audio, face)
     text = torch.cat([torch.zeros_like(c.text), c.text])
     concat = torch.cat([c.concat, c.concat])
-    if any(r.shape[0] != 1 for r in reference):
-        reference = [torch.cat([r, r]) for r in reference]
+    if any(_batch(r) != 1 for r in reference):
+        reference = [torch.cat([r, r]) if isinstance(r, torch.Tensor) else tuple(torch.cat([t, t]) for t in r)
+                     for r in reference]
 
     def model_fn(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         hidden_states = torch.cat([x, concat.to(x.dtype)], dim=2)  # (2B, T, 2C, H, W)
         return transformer(hidden_states, timesteps, text, audio_tokens, face_tokens, reference)
 
     return model_fn
+
+
+def _batch(reference: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> int:
+    return (reference if isinstance(reference, torch.Tensor) else reference[0]).shape[0]

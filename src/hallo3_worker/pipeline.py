@@ -78,6 +78,7 @@ from hallo3_worker.memory import device_peak_memory
 from hallo3_worker.models.loading import replace_tensors
 from hallo3_worker.models.memory_savers import chunk_feed_forward
 from hallo3_worker.models.reference_net import ReferenceNet
+from hallo3_worker.models.speedups import ExactSpeedups, apply_speedups
 from hallo3_worker.models.transformer import Hallo3Transformer
 from hallo3_worker.models.vae import Hallo3VAE
 from hallo3_worker.sampling import SamplerConfig, Schedule, sample
@@ -217,14 +218,15 @@ class JobConditions:
     """What every segment of one job shares; made once per job by :meth:`Hallo3Pipeline.condition_job`.
 
     ``text`` (1, L, text_dim), ``face`` (1, 512) and ``image`` (1, 3, 1, H, W, frame 0 of every
-    motion clip, model dtype) are on the compute device; ``reference`` holds one (1, R, D) per block.
+    motion clip, model dtype) are on the compute device; ``reference`` holds one (1, R, D) per block,
+    or, once the first segment has made them, one (k, v) pair per block, each (1, nh, R, dh).
     """
 
     features: AudioFeatures
     text: torch.Tensor
     face: torch.Tensor
     image: torch.Tensor
-    reference: list[torch.Tensor]
+    reference: list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]
     plan_crop: tuple[int, int, int, int]  # (top, left, height, width) of the canvas the video keeps
     output_size: tuple[int, int]  # (height, width) of the output video
     sampler: SamplerConfig
@@ -255,11 +257,19 @@ class Hallo3Pipeline:
         output_canvas: tuple[int, int] = CANVAS_SIZE,
         limits: InputLimits = InputLimits(),
         noise_factory: Callable[[int], NoiseSource] = SeededNoise,
+        speedups: ExactSpeedups = ExactSpeedups(),
     ) -> None:
         self.components = components
         self.placement = placement
-        if components is not None and placement.feed_forward_chunk is not None:
-            chunk_feed_forward(components.transformer, placement.feed_forward_chunk)
+        self.speedups = speedups
+        self.speedup_report: dict[str, object] = {}
+        if components is not None:
+            if placement.feed_forward_chunk is not None:
+                chunk_feed_forward(components.transformer, placement.feed_forward_chunk)
+            self.speedup_report = apply_speedups(
+                speedups, placement.device, components.transformer, components.reference_net,
+                compiled=components.transformer.blocks,
+            )
         self.is_tiny = is_tiny
         self.canvas = canvas
         self.output_canvas = output_canvas
@@ -457,6 +467,9 @@ class Hallo3Pipeline:
         config = transformer.config
         shape = (1, config.latent_frames, config.out_channels, *self._latent_hw())
         with self._visiting(transformer, self.placement.offload_transformer):
+            if self.speedups.reference_kv_once and isinstance(shared.reference[0], torch.Tensor):
+                # Once per job: the tokens' keys and values replace the tokens (the same values every step).
+                shared.reference = transformer.reference_kv(shared.reference)
             return sample(
                 guidance_model_fn(transformer, conditions, shared.reference),
                 noise.initial(segment, shape).to(device),

@@ -1,13 +1,40 @@
 """The one place attention kernels are called from.
 
 Every attention in the Hallo3 networks goes through :func:`dispatch_attention`, so a faster kernel
-can be swapped in for all of them at once (and tested against this plain path).
+can be swapped in for all of them at once (and tested against the plain path).
+
+Backends (:data:`BACKENDS`), chosen once per process with :func:`set_attention_backend`:
+
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's own choice of
+  kernel (the plain path, and the default until a backend is set);
+* ``cudnn``, ``flash``, ``efficient``, ``math``: the same call restricted to one SDPA kernel;
+* ``fa3``: FlashAttention-3 (``flash_attn_interface``, Hopper GPUs), when that package is importable.
+
+``auto`` (:func:`choose_backend`) picks FlashAttention-3 on a Hopper GPU that has it, else cuDNN
+attention on a CUDA GPU that supports it, else ``sdpa``. Every backend computes the same
+softmax(q k^T / sqrt(dh)) v; they differ in rounding only.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math", "fa3")
+_SDPA_KERNELS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+_backend = "sdpa"
+_fa3_func = None
 
 
 def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -15,4 +42,59 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
     q: (B, nh, Sq, dh); k, v: (B, nh, Sk, dh) -> (B, nh, Sq, dh).
     """
-    return F.scaled_dot_product_attention(q, k, v)
+    if _backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if _backend == "fa3":
+        # FlashAttention-3 takes (B, S, nh, dh) and returns the output (first item of a tuple in some versions).
+        out = _fa3_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2)
+    with sdpa_kernel(_SDPA_KERNELS[_backend]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def fa3_available() -> bool:
+    return importlib.util.find_spec("flash_attn_interface") is not None
+
+
+def choose_backend(requested: str, device: torch.device) -> str:
+    """The backend for ``requested`` (``auto`` or one of :data:`BACKENDS`) on ``device``.
+
+    Raises ValueError for an unknown name, or for ``fa3`` without its package or off CUDA.
+    """
+    if requested != "auto" and requested not in BACKENDS:
+        raise ValueError(f"attention backend must be 'auto' or one of {', '.join(BACKENDS)}, got {requested!r}")
+    if requested == "fa3" and (device.type != "cuda" or not fa3_available()):
+        raise ValueError("attention backend 'fa3' needs a CUDA GPU and the flash_attn_interface package")
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "sdpa"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major == 9 and fa3_available():
+        return "fa3"
+    if major >= 8 and torch.backends.cuda.cudnn_sdp_enabled():
+        return "cudnn"
+    return "sdpa"
+
+
+def set_attention_backend(name: str) -> str:
+    """Route every attention through backend ``name`` (one of :data:`BACKENDS`); returns the previous one."""
+    global _backend, _fa3_func
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "fa3":
+        from flash_attn_interface import flash_attn_func  # noqa: PLC0415 - optional package
+
+        _fa3_func = flash_attn_func
+    previous, _backend = _backend, name
+    if name != previous:
+        logger.info("attention backend: %s", name)
+    return previous
+
+
+def attention_backend() -> str:
+    return _backend
+
+
+__all__ = ["BACKENDS", "attention_backend", "choose_backend", "dispatch_attention", "set_attention_backend"]

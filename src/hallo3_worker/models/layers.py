@@ -173,6 +173,13 @@ class SelfAttention(nn.Module):
 
     Optional extra key/value tokens (the reference network's tokens) are appended to the keys
     and values only: they get the k-LayerNorm but no rotary embedding, and produce no output rows.
+    They can be passed as tokens (B or 1, R, D) or as the keys and values :meth:`extra_kv` made
+    from them once, which is the same computation done ahead of time.
+
+    The forward is :meth:`project` (token-local q/k/v projections) followed by :meth:`attend`
+    (norms, rotary, attention over the whole sequence) and ``to_out``, so a sequence-parallel
+    layout can exchange tokens for heads between the two. :meth:`fuse_projections` swaps the
+    three q/k/v projections for one matrix product.
     """
 
     def __init__(self, config: BackboneConfig) -> None:
@@ -182,33 +189,110 @@ class SelfAttention(nn.Module):
         self.to_q = nn.Linear(d, d)
         self.to_k = nn.Linear(d, d)
         self.to_v = nn.Linear(d, d)
+        self.to_qkv: nn.Linear | None = None  # set by fuse_projections()
         self.norm_q = nn.LayerNorm(config.head_dim, eps=config.qk_norm_eps)
         self.norm_k = nn.LayerNorm(config.head_dim, eps=config.qk_norm_eps)
         self.to_out = nn.Linear(d, d)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Replace ``to_q``/``to_k``/``to_v`` by one ``to_qkv`` (the checkpoint's own fused layout)."""
+        if self.to_qkv is not None:
+            return
+        self.to_qkv = fuse_linears(self.to_q, self.to_k, self.to_v)
+        del self.to_q, self.to_k, self.to_v
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, S, D) -> q, k, v each (B, nh, S, dh), before norms and rotary."""
+        if self.to_qkv is not None:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+            # v gets its own storage, so the fused output is freed as soon as q and k are normed
+            # (otherwise v's view would keep all three alive through the attention).
+            v = v.contiguous()
+        else:
+            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        return split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
+
+    def extra_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of extra tokens: (Be, R, D) -> k (k-LayerNorm applied), v, each (Be, nh, R, dh)."""
+        if self.to_qkv is not None:
+            d = tokens.shape[-1]
+            weight, bias = self.to_qkv.weight, self.to_qkv.bias
+            k = F.linear(tokens, weight[d : 2 * d], bias[d : 2 * d])
+            v = F.linear(tokens, weight[2 * d :], bias[2 * d :])
+        else:
+            k, v = self.to_k(tokens), self.to_v(tokens)
+        return self.norm_k(split_heads(k, self.num_heads)), split_heads(v, self.num_heads)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        text_length: int,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """q, k, v: (B, nh', L+N, dh) straight from :meth:`project` (nh' may be a subset of the heads);
+        rope: cos, sin each (N, dh); extra_kv: from :meth:`extra_kv`, (B or 1, nh', R, dh) each.
+
+        Returns the attention output (B, nh', L+N, dh), before ``to_out``.
+        """
+        q, k = self.norm_q(q), self.norm_k(k)
+        cos, sin = rope
+        q = torch.cat([q[:, :, :text_length], apply_rotary(q[:, :, text_length:], cos, sin)], dim=2)
+        k = torch.cat([k[:, :, :text_length], apply_rotary(k[:, :, text_length:], cos, sin)], dim=2)
+        if extra_kv is not None:
+            k_extra, v_extra = extra_kv
+            if k_extra.shape[0] == 1 and k.shape[0] > 1:  # one set of tokens shared by the whole batch
+                k_extra = k_extra.expand(k.shape[0], -1, -1, -1)
+                v_extra = v_extra.expand(k.shape[0], -1, -1, -1)
+            k = torch.cat([k, k_extra.to(k.dtype)], dim=2)  # (B, nh', L+N+R, dh)
+            v = torch.cat([v, v_extra.to(v.dtype)], dim=2)
+        return dispatch_attention(q, k, v)
 
     def forward(
         self,
         x: torch.Tensor,
         text_length: int,
         rope: tuple[torch.Tensor, torch.Tensor],
-        extra_kv_tokens: torch.Tensor | None = None,
+        extra_kv_tokens: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x: (B, L+N, D); rope: cos, sin each (N, dh); extra_kv_tokens: (B or 1, R, D) -> (B, L+N, D)."""
-        q = self.norm_q(split_heads(self.to_q(x), self.num_heads))  # (B, nh, L+N, dh)
-        k = self.norm_k(split_heads(self.to_k(x), self.num_heads))
-        v = split_heads(self.to_v(x), self.num_heads)
-        cos, sin = rope
-        q = torch.cat([q[:, :, :text_length], apply_rotary(q[:, :, text_length:], cos, sin)], dim=2)
-        k = torch.cat([k[:, :, :text_length], apply_rotary(k[:, :, text_length:], cos, sin)], dim=2)
-        if extra_kv_tokens is not None:
-            k_extra = self.norm_k(split_heads(self.to_k(extra_kv_tokens), self.num_heads))  # (Be, nh, R, dh)
-            v_extra = split_heads(self.to_v(extra_kv_tokens), self.num_heads)
-            if k_extra.shape[0] == 1 and k.shape[0] > 1:  # one set of tokens shared by the whole batch
-                k_extra = k_extra.expand(k.shape[0], -1, -1, -1)
-                v_extra = v_extra.expand(k.shape[0], -1, -1, -1)
-            k = torch.cat([k, k_extra], dim=2)  # (B, nh, L+N+R, dh)
-            v = torch.cat([v, v_extra], dim=2)
-        return self.to_out(merge_heads(dispatch_attention(q, k, v)))
+        """x: (B, L+N, D); rope: cos, sin each (N, dh); extra_kv_tokens: (B or 1, R, D) tokens or
+        their precomputed (k, v) -> (B, L+N, D)."""
+        extra = self.extra_kv(extra_kv_tokens) if isinstance(extra_kv_tokens, torch.Tensor) else extra_kv_tokens
+        # project -> q, k, v (B, nh, L+N, dh) each; passed on without keeping references, so that
+        # attend can free the raw q and k once they are normed.
+        return self.to_out(merge_heads(self.attend(*self.project(x), text_length, rope, extra)))
+
+
+def fuse_projections(module: nn.Module) -> int:
+    """Fuse the q/k/v (and cross-attention k/v) projections of every attention in ``module``.
+
+    Attached from outside after the weights are loaded (the state dict keeps the separate keys
+    until then, so loading stays strict); returns how many attentions were fused.
+    """
+    attentions = [sub for sub in module.modules() if sub is not module and hasattr(sub, "fuse_projections")]
+    for attention in attentions:
+        attention.fuse_projections()
+    return len(attentions)
+
+
+@torch.no_grad()
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the given Linears' outputs concatenated (same input width)."""
+    first = linears[0]
+    fused = nn.Linear(
+        first.in_features,
+        sum(layer.out_features for layer in linears),
+        bias=first.bias is not None,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
+    )
+    fused.weight.copy_(torch.cat([layer.weight for layer in linears]))
+    if first.bias is not None:
+        fused.bias.copy_(torch.cat([layer.bias for layer in linears]))
+    return fused
 
 
 class FeedForward(nn.Module):
@@ -291,9 +375,9 @@ class DiTBlock(nn.Module):
         video_in: torch.Tensor,
         mod: Modulation,
         rope: tuple[torch.Tensor, torch.Tensor],
-        extra_kv_tokens: torch.Tensor | None = None,
+        extra_kv_tokens: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gated self-attention residual over [text_in; video_in] (+ extra K/V tokens)."""
+        """Gated self-attention residual over [text_in; video_in] (+ extra K/V tokens or their (k, v))."""
         length = text.shape[1]
         out = self.attn(torch.cat([text_in, video_in], dim=1), length, rope, extra_kv_tokens)
         text = text + mod.text_gate_msa.unsqueeze(1) * out[:, :length]

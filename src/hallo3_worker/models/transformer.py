@@ -33,6 +33,7 @@ from hallo3_worker.models.layers import (
     DiTBackbone,
     DiTBlock,
     apply_rotary,
+    fuse_linears,
     merge_heads,
     modulate,
     split_heads,
@@ -48,7 +49,10 @@ class TransformerConfig(BackboneConfig):
 
 
 class CrossAttention(nn.Module):
-    """Video queries attending to a few context tokens, with the block's shared q/k norms."""
+    """Video queries attending to a few context tokens, with the block's shared q/k norms.
+
+    :meth:`fuse_projections` swaps ``to_k``/``to_v`` for one ``to_kv`` (the checkpoint's layout).
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, context_dim: int) -> None:
         super().__init__()
@@ -56,7 +60,23 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(hidden_size, hidden_size)
         self.to_k = nn.Linear(context_dim, hidden_size)
         self.to_v = nn.Linear(context_dim, hidden_size)
+        self.to_kv: nn.Linear | None = None  # set by fuse_projections()
         self.to_out = nn.Linear(hidden_size, hidden_size)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        if self.to_kv is not None:
+            return
+        self.to_kv = fuse_linears(self.to_k, self.to_v)
+        del self.to_k, self.to_v
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B', M, context_dim) -> k, v each (B', nh, M, dh), before the k-LayerNorm."""
+        if self.to_kv is not None:
+            k, v = self.to_kv(context).chunk(2, dim=-1)
+        else:
+            k, v = self.to_k(context), self.to_v(context)
+        return split_heads(k, self.num_heads), split_heads(v, self.num_heads)
 
     def forward(
         self,
@@ -68,8 +88,8 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         """x: (B', S, D); context: (B', M, context_dim); rope: cos, sin (S, dh) -> (B', S, D)."""
         q = apply_rotary(norm_q(split_heads(self.to_q(x), self.num_heads)), *rope)  # (B', nh, S, dh)
-        k = norm_k(split_heads(self.to_k(context), self.num_heads))  # (B', nh, M, dh)
-        v = split_heads(self.to_v(context), self.num_heads)
+        k, v = self.context_kv(context)  # (B', nh, M, dh)
+        k = norm_k(k)
         return self.to_out(merge_heads(dispatch_attention(q, k, v)))
 
 
@@ -89,12 +109,13 @@ class Hallo3Block(DiTBlock):
         emb: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         frame0_rope: tuple[torch.Tensor, torch.Tensor],
-        reference: torch.Tensor,
+        reference: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         audio_tokens: torch.Tensor,
         face_tokens: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """text: (B, L, D); video: (B, N, D); emb: (B, E); rope: (N, dh) tables;
-        frame0_rope: (h*w, dh) tables; reference: (B or 1, R, D); audio_tokens: (B*T, Ma, Da);
+        frame0_rope: (h*w, dh) tables; reference: (B or 1, R, D) tokens or their (k, v) from
+        ``attn.extra_kv``, each (B or 1, nh, R, dh); audio_tokens: (B*T, Ma, Da);
         face_tokens: (B, Mf, Df). Returns updated (text, video)."""
         mod = self.modulation(emb)
         text_in, video_in = self.attention_input(text, video, mod)
@@ -139,6 +160,13 @@ def unpatchify(x: torch.Tensor, frames: int, grid_h: int, grid_w: int, channels:
     return x.reshape(b, frames, channels, grid_h * patch, grid_w * patch)
 
 
+def _cast(reference, dtype: torch.dtype):
+    """Reference tokens, or a (k, v) pair, in ``dtype``."""
+    if isinstance(reference, torch.Tensor):
+        return reference.to(dtype)
+    return tuple(t.to(dtype) for t in reference)
+
+
 class Hallo3Transformer(DiTBackbone):
     """The denoising network. See the module docstring for the block structure."""
 
@@ -161,6 +189,15 @@ class Hallo3Transformer(DiTBackbone):
         """
         return self.audio_proj(audio_features), self.face_proj(face_embedding)
 
+    def reference_kv(self, reference: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's keys and values of the reference tokens, computed once for a whole job.
+
+        reference: one (B, R, D) tensor per block -> one (k, v) pair per block, each (B, nh, R, dh)
+        in the weights' dtype. :meth:`forward` accepts these in place of the tokens, with the same result.
+        """
+        dtype = self.pos_embedding.dtype
+        return [block.attn.extra_kv(ref.to(dtype)) for block, ref in zip(self.blocks, reference, strict=True)]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -168,7 +205,7 @@ class Hallo3Transformer(DiTBackbone):
         text: torch.Tensor,
         audio_tokens: torch.Tensor,
         face_tokens: torch.Tensor,
-        reference: list[torch.Tensor],
+        reference: list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """Predict v.
 
@@ -176,7 +213,8 @@ class Hallo3Transformer(DiTBackbone):
             conditioning latent; timesteps: (B,) float; text: (B, L, text_dim);
         audio_tokens: (B, T, Ma, Da) and face_tokens: (B, Mf, Df) from :meth:`encode_conditions`;
         reference: one (B, R, D) tensor per block, from the reference network; with batch 1 the
-            same tokens serve every sample (the guided batch shares one reference image).
+            same tokens serve every sample (the guided batch shares one reference image). Or the
+            per-block (k, v) pairs of :meth:`reference_kv`, made once per job.
         Returns (B, T, C_out, H, W) in the weights' dtype.
         """
         c = self.config
@@ -196,7 +234,7 @@ class Hallo3Transformer(DiTBackbone):
 
         for block, ref in zip(self.blocks, reference):
             text_tokens, video_tokens = block(
-                text_tokens, video_tokens, emb, (cos, sin), frame0_rope, ref.to(dtype), audio_tokens, face_tokens
+                text_tokens, video_tokens, emb, (cos, sin), frame0_rope, _cast(ref, dtype), audio_tokens, face_tokens
             )
 
         # The backbone's final LayerNorm is per token, so the text rows it would also see are skipped.
