@@ -105,6 +105,8 @@ def test_ctrl_c_in_a_subprocess(worker_api, face_path, speech_path, tmp_path) ->
     assert proc.returncode == 130, first + err
     assert "Cancelling is not supported by this API" in err and "may still run there" in err
     assert not (tmp_path / "x.mp4").exists()
+    job_id = first.split()[2]
+    assert f"Job {job_id}: fetch" in worker_api.log.read_text(errors="replace")  # it had started, and runs on
 
 
 def _large_portrait(path: Path, face_path: Path) -> Path:
