@@ -64,13 +64,14 @@ STAGE_ACTIVATION_BYTES: dict[str, int] = {
     "text": 50_337_892,
     "reference": 1_839_974_400,
     "denoise": 3_290_333_184,
-    "denoise_chunked": 2_183_635_968,
+    "denoise_chunked": 2_402_067_456,
     "vae_encode": 2_569_881_600,
     "vae_decode": 15_824_160_000,
 }
-#: The reference network's tokens, kept for the whole job: 42 blocks x (1, 1350, 3072) bf16, shared
-#: by both halves of the guided batch (hallo3_worker.denoiser).
-REFERENCE_BANK_BYTES = 42 * 1350 * 3072 * 2
+#: The reference tokens' keys and values, made once per job and kept for the whole job: 42 blocks x
+#: 2 x (1, 48, 1350, 64) bf16, shared by both halves of the guided batch (hallo3_worker.denoiser).
+#: Twice the tokens they replace, in exchange for two (1350 x 3072 x 3072) products per block and step.
+REFERENCE_BANK_BYTES = 42 * 2 * 1350 * 3072 * 2
 #: What tensor sizes do not show: CUDA context, cuBLAS/cuDNN/attention workspaces and the caching
 #: allocator's rounding and fragmentation (an allowance, not a measurement).
 CUDA_OVERHEAD_BYTES = 2 * GIB

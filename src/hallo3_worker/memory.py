@@ -149,8 +149,8 @@ def estimate_stage_memory(
     Runs every network under ``FakeTensorMode`` on the CPU (no memory is allocated; takes ~20 s).
     Stages: ``audio`` (wav2vec2 on ``max_duration_s`` seconds, float32), ``text`` (T5-XXL encoder,
     226 tokens), ``reference`` (reference-image VAE encode + reference network), ``denoise`` (one
-    classifier-free-guidance forward of the main transformer, batch 2, with the batch-1 reference
-    tokens among the inputs), ``vae_encode`` (the 3-frame motion clip) and ``vae_decode`` (13 latent frames to 49).
+    classifier-free-guidance forward of the main transformer, batch 2, with fused projections and
+    the batch-1 reference keys and values among the inputs), ``vae_encode`` (the 3-frame motion clip) and ``vae_decode`` (13 latent frames to 49).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import T5Config, T5EncoderModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -158,6 +158,7 @@ def estimate_stage_memory(
     from hallo3_worker.conditioning.audio import SAMPLE_RATE, Wav2VecEncoder, frame_count
     from hallo3_worker.conditioning.text import MAX_TEXT_TOKENS
     from hallo3_worker.models import presets
+    from hallo3_worker.models.layers import fuse_projections
     from hallo3_worker.models.loading import build_on_meta, replace_tensors
     from hallo3_worker.models.memory_savers import chunk_feed_forward
     from hallo3_worker.models.reference_net import ReferenceNet
@@ -231,7 +232,14 @@ def estimate_stage_memory(
             text = empty(2, c.text_length, c.text_dim)
             audio = empty(2, frames, c.audio.window, c.audio.feature_layers, c.audio.feature_dim)
             face = empty(2, c.face.embed_dim)
-            reference = [empty(1, ref_cfg.tokens_per_frame, c.hidden_size) for _ in range(c.num_layers)]
+            # The worker's exact path: fused projections, and the reference tokens' keys and values
+            # made once per job (they are inputs of every step, like the tokens they replace).
+            fuse_projections(model)
+            dh = c.hidden_size // c.num_heads
+            reference = [
+                (empty(1, c.num_heads, ref_cfg.tokens_per_frame, dh), empty(1, c.num_heads, ref_cfg.tokens_per_frame, dh))
+                for _ in range(c.num_layers)
+            ]
 
             def forward() -> torch.Tensor:
                 audio_tokens, face_tokens = model.encode_conditions(audio, face)

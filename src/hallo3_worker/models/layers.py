@@ -176,8 +176,8 @@ class SelfAttention(nn.Module):
     They can be passed as tokens (B or 1, R, D) or as the keys and values :meth:`extra_kv` made
     from them once, which is the same computation done ahead of time.
 
-    The forward is :meth:`project` (token-local q/k/v projections) followed by :meth:`attend`
-    (norms, rotary, attention over the whole sequence) and ``to_out``, so a sequence-parallel
+    The forward is :meth:`project` (token-local: q/k/v projections and the per-head q/k norms)
+    followed by :meth:`attend` (rotary, attention over the whole sequence) and ``to_out``, so a sequence-parallel
     layout can exchange tokens for heads between the two. :meth:`fuse_projections` swaps the
     three q/k/v projections for one matrix product.
     """
@@ -203,15 +203,17 @@ class SelfAttention(nn.Module):
         del self.to_q, self.to_k, self.to_v
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (B, S, D) -> q, k, v each (B, nh, S, dh), before norms and rotary."""
+        """x: (B, S, D) -> q, k (per-head LayerNorms applied), v, each (B, nh, S, dh). Token-local."""
         if self.to_qkv is not None:
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-            # v gets its own storage, so the fused output is freed as soon as q and k are normed
+            # v gets its own storage, so the fused output is freed once q and k are normed
             # (otherwise v's view would keep all three alive through the attention).
             v = v.contiguous()
         else:
             q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        return split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
+        q = self.norm_q(split_heads(q, self.num_heads))
+        k = self.norm_k(split_heads(k, self.num_heads))
+        return q, k, split_heads(v, self.num_heads)
 
     def extra_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of extra tokens: (Be, R, D) -> k (k-LayerNorm applied), v, each (Be, nh, R, dh)."""
@@ -233,12 +235,11 @@ class SelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """q, k, v: (B, nh', L+N, dh) straight from :meth:`project` (nh' may be a subset of the heads);
+        """q, k, v: (B, nh', L+N, dh) from :meth:`project` (nh' may be a subset of the heads);
         rope: cos, sin each (N, dh); extra_kv: from :meth:`extra_kv`, (B or 1, nh', R, dh) each.
 
         Returns the attention output (B, nh', L+N, dh), before ``to_out``.
         """
-        q, k = self.norm_q(q), self.norm_k(k)
         cos, sin = rope
         q = torch.cat([q[:, :, :text_length], apply_rotary(q[:, :, text_length:], cos, sin)], dim=2)
         k = torch.cat([k[:, :, :text_length], apply_rotary(k[:, :, text_length:], cos, sin)], dim=2)
@@ -261,8 +262,7 @@ class SelfAttention(nn.Module):
         """x: (B, L+N, D); rope: cos, sin each (N, dh); extra_kv_tokens: (B or 1, R, D) tokens or
         their precomputed (k, v) -> (B, L+N, D)."""
         extra = self.extra_kv(extra_kv_tokens) if isinstance(extra_kv_tokens, torch.Tensor) else extra_kv_tokens
-        # project -> q, k, v (B, nh, L+N, dh) each; passed on without keeping references, so that
-        # attend can free the raw q and k once they are normed.
+        # project -> q, k, v (B, nh, L+N, dh) each
         return self.to_out(merge_heads(self.attend(*self.project(x), text_length, rope, extra)))
 
 
