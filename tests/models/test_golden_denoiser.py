@@ -2,7 +2,9 @@
 
 The fixtures in tests/goldens/denoiser/ were produced by running upstream's classes (see the
 README there for commit, config, seeds and run-time patches). Here the upstream-format state
-dict goes through our key mapping into our networks, and every output is compared in fp32.
+dict goes through our key mapping into our networks, and every output is compared in fp32, once
+with the networks as written and once with the worker's exact speed-ups attached (fused
+projections, the reference tokens' keys and values made once).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 from hallo3_worker.denoiser import SegmentConditions, guidance_model_fn
 from hallo3_worker.models import checkpoint as ck
 from hallo3_worker.models import presets
+from hallo3_worker.models.layers import fuse_projections
 from hallo3_worker.models.loading import build_on_meta, load_converted
 from hallo3_worker.models.reference_net import ReferenceNet
 from hallo3_worker.models.transformer import Hallo3Transformer
@@ -36,14 +39,26 @@ def golden() -> dict[str, dict[str, torch.Tensor]]:
     return {name: load_file(GOLDEN / f"{name}.safetensors") for name in ("state_dict", "inputs", "outputs", "sampler")}
 
 
-@pytest.fixture(scope="module")
-def networks(golden) -> tuple[Hallo3Transformer, ReferenceNet]:
-    upstream = golden["state_dict"]
+def load_networks(upstream: dict[str, torch.Tensor]) -> tuple[Hallo3Transformer, ReferenceNet]:
     main = build_on_meta(lambda: Hallo3Transformer(presets.golden_tiny_transformer()))
     load_converted(main, ck.convert_state_dict(upstream, ck.MAIN_PREFIX, ck.transformer_key_rules(main.config), main))
     ref = build_on_meta(lambda: ReferenceNet(presets.golden_tiny_reference_net()))
     load_converted(ref, ck.convert_state_dict(upstream, ck.REFERENCE_PREFIX, ck.reference_key_rules(ref.config), ref))
     return main, ref
+
+
+@pytest.fixture(scope="module", params=["plain", "exact_speedups"])
+def networks(golden, request) -> tuple[Hallo3Transformer, ReferenceNet]:
+    main, ref = load_networks(golden["state_dict"])
+    if request.param == "exact_speedups":
+        assert fuse_projections(main) == 3 * main.config.num_layers
+        assert fuse_projections(ref) == ref.config.num_layers - 1  # the last block keeps no attention
+    return main, ref
+
+
+def denoiser_reference(main: Hallo3Transformer, tokens: list[torch.Tensor]) -> list:
+    """What the worker hands the denoiser: the tokens' keys and values once fused, else the tokens."""
+    return main.reference_kv(tokens) if main.blocks[0].attn.to_qkv is not None else tokens
 
 
 def test_golden_config_matches_our_preset() -> None:
@@ -54,8 +69,8 @@ def test_golden_config_matches_our_preset() -> None:
         assert str(value) in flat
 
 
-def test_upstream_key_set_is_exactly_what_our_rules_expect(golden, networks) -> None:
-    main, ref = networks
+def test_upstream_key_set_is_exactly_what_our_rules_expect(golden) -> None:
+    main, ref = load_networks(golden["state_dict"])  # as loaded: the mapping's keys, before any fusion
     upstream = golden["state_dict"]
     for prefix, rules, model in (
         (ck.MAIN_PREFIX, ck.transformer_key_rules(main.config), main),
@@ -93,7 +108,7 @@ def test_transformer_forward_cfg_batch(golden, networks) -> None:
     inputs, outputs = golden["inputs"], golden["outputs"]
     conditions = SegmentConditions(inputs["concat"], inputs["context"], inputs["audio"], inputs["face"])
     reference = [outputs[f"ref_bank.{i}"] for i in range(2)]  # upstream's tokens, to isolate the forward
-    model_fn = guidance_model_fn(main, conditions, reference)
+    model_fn = guidance_model_fn(main, conditions, denoiser_reference(main, reference))
     x = torch.cat([inputs["x"], inputs["x"]])
     v = model_fn(x, inputs["timestep"].expand(2))
     expected = outputs["dit_out"]
@@ -135,7 +150,7 @@ def test_full_sampler_trajectory(golden, networks) -> None:
     main, ref = networks
     inputs, tables = golden["inputs"], golden["sampler"]
     conditions = SegmentConditions(inputs["concat"], inputs["context"], inputs["audio"], inputs["face"])
-    model_fn = guidance_model_fn(main, conditions, ref(inputs["ref_latent"]))
+    model_fn = guidance_model_fn(main, conditions, denoiser_reference(main, ref(inputs["ref_latent"])))
     config = SamplerConfig()
     schedule = Schedule.create(config)
 

@@ -423,7 +423,8 @@ class DiTBackbone(nn.Module):
         tokens = self.patch_embed(latents.to(dtype), text.to(dtype))  # (B, L + N, D)
         tokens = tokens + self.pos_embedding[:, : tokens.shape[1]]
         length = text.shape[1]
-        return emb, tokens[:, :length], tokens[:, length:]
+        # Separate storages, so every block sees the same strides (one compiled graph serves them all).
+        return emb, tokens[:, :length].contiguous(), tokens[:, length:].contiguous()
 
     def rope(self, frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary cos/sin tables for ``frames`` latent frames, each (frames*h*w, dh) float32."""
