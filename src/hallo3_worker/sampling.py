@@ -94,6 +94,12 @@ class Schedule:
         table = self.table.to(a.device)
         return table[(a - table[:, None]).abs().argmin(dim=0)]
 
+    def on(self, device: torch.device) -> Schedule:
+        """The same tables on ``device``, so the step loop copies nothing from the host."""
+        if self.table.device == device:
+            return self
+        return dataclasses.replace(self, sqrt_alphas=self.sqrt_alphas.to(device), table=self.table.to(device))
+
 
 def guided_x0(
     model_fn: ModelFn, x: torch.Tensor, a: torch.Tensor, timestep: int, schedule: Schedule, guidance: float
@@ -133,8 +139,8 @@ def sample(
     noise: (B, T, C, H, W) initial latent, used as is (unscaled). noise_fn(i, x) supplies the
     fresh noise added after step i (steps 0 .. num_steps-2; the last step adds none).
     """
-    schedule = schedule or Schedule.create(config)
-    a = schedule.sqrt_alphas.to(noise.device)
+    schedule = (schedule or Schedule.create(config)).on(noise.device)
+    a = schedule.sqrt_alphas
     n = config.num_steps
     x = noise.to(torch.float32)
     previous_x0: torch.Tensor | None = None

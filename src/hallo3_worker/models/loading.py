@@ -89,3 +89,36 @@ def replace_tensors(module: nn.Module, convert: Callable[[torch.Tensor], torch.T
         converted.clear()
 
     return restore
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait for the device.
+
+    A copy from ordinary (pageable) host memory to a CUDA GPU waits for the GPU's queued work
+    first; from page-locked memory it is queued like a kernel. So tensors bound for a CUDA device
+    go through page-locked memory (already page-locked ones as they are) and are copied
+    with ``non_blocking``; the CPU's own tensors are returned as they are.
+    """
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=tensor.device.type == "cpu")
+
+
+def pin_resting_copies(module: nn.Module) -> int:
+    """Move ``module``'s CPU tensors into page-locked memory (ties kept), so visits copy without waiting.
+
+    Returns the bytes pinned. Only for modules that rest on the CPU and visit a CUDA device.
+    """
+    pinned = 0
+
+    def pin(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal pinned
+        if tensor.device.type != "cpu" or tensor.is_pinned():
+            return tensor
+        pinned += tensor.nbytes
+        return tensor.pin_memory()
+
+    replace_tensors(module, pin)  # the originals are released with the discarded restore function
+    return pinned
