@@ -8,7 +8,10 @@ Backends (:data:`BACKENDS`), chosen once per process with :func:`set_attention_b
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's own choice of
   kernel (the plain path, and the default until a backend is set);
 * ``cudnn``, ``flash``, ``efficient``, ``math``: the same call restricted to one SDPA kernel;
-* ``fa3``: FlashAttention-3 (``flash_attn_interface``, Hopper GPUs), when that package is importable.
+* ``fa3``: FlashAttention-3 (``flash_attn_interface``, Hopper GPUs), when that package is importable;
+* ``sage``: SageAttention's 8-bit kernel (``sageattention``, CUDA GPUs) for the long self-attention;
+  attentions over fewer than :data:`SAGE_MIN_KEYS` keys (face and audio cross-attention) stay on
+  SDPA. It is an approximation (int8 q/k): only the speed presets select it, never ``auto``.
 
 ``auto`` (:func:`choose_backend`) picks FlashAttention-3 on a Hopper GPU that has it, else cuDNN
 attention on a CUDA GPU that supports it, else ``sdpa``. Every backend computes the same
@@ -26,7 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math", "fa3")
+BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math", "fa3", "sage")
+SAGE_MIN_KEYS = 128
 _SDPA_KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -35,6 +39,7 @@ _SDPA_KERNELS = {
 }
 _backend = "sdpa"
 _fa3_func = None
+_sage_func = None
 
 
 def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -49,12 +54,20 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
         out = _fa3_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = out[0] if isinstance(out, tuple) else out
         return out.transpose(1, 2)
+    if _backend == "sage":
+        if k.shape[-2] < SAGE_MIN_KEYS:
+            return F.scaled_dot_product_attention(q, k, v)
+        return _sage_func(q, k, v, tensor_layout="HND", is_causal=False)
     with sdpa_kernel(_SDPA_KERNELS[_backend]):
         return F.scaled_dot_product_attention(q, k, v)
 
 
 def fa3_available() -> bool:
     return importlib.util.find_spec("flash_attn_interface") is not None
+
+
+def sage_available() -> bool:
+    return importlib.util.find_spec("sageattention") is not None
 
 
 def choose_backend(requested: str, device: torch.device) -> str:
@@ -66,6 +79,8 @@ def choose_backend(requested: str, device: torch.device) -> str:
         raise ValueError(f"attention backend must be 'auto' or one of {', '.join(BACKENDS)}, got {requested!r}")
     if requested == "fa3" and (device.type != "cuda" or not fa3_available()):
         raise ValueError("attention backend 'fa3' needs a CUDA GPU and the flash_attn_interface package")
+    if requested == "sage" and (device.type != "cuda" or not sage_available()):
+        raise ValueError("attention backend 'sage' needs a CUDA GPU and the sageattention package")
     if requested != "auto":
         return requested
     if device.type != "cuda":
@@ -80,13 +95,17 @@ def choose_backend(requested: str, device: torch.device) -> str:
 
 def set_attention_backend(name: str) -> str:
     """Route every attention through backend ``name`` (one of :data:`BACKENDS`); returns the previous one."""
-    global _backend, _fa3_func
+    global _backend, _fa3_func, _sage_func
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "fa3":
         from flash_attn_interface import flash_attn_func  # noqa: PLC0415 - optional package
 
         _fa3_func = flash_attn_func
+    if name == "sage":
+        from sageattention import sageattn  # noqa: PLC0415 - optional package
+
+        _sage_func = sageattn
     previous, _backend = _backend, name
     if name != previous:
         logger.info("attention backend: %s", name)
@@ -97,4 +116,5 @@ def attention_backend() -> str:
     return _backend
 
 
-__all__ = ["BACKENDS", "attention_backend", "choose_backend", "dispatch_attention", "set_attention_backend"]
+__all__ = ["BACKENDS", "attention_backend", "choose_backend", "dispatch_attention", "sage_available",
+           "set_attention_backend"]
