@@ -128,3 +128,19 @@ def test_device_peak_memory_resets_at_entry_and_reads_at_exit(monkeypatch) -> No
     with device_peak_memory(torch.device("cuda")) as peak:
         pass
     assert calls[-1] == "read 0" and peak.bytes == 123
+
+
+def test_streamed_transformer_constants_match_the_network() -> None:
+    from hallo3_worker.models import presets
+    from hallo3_worker.models.layers import fuse_projections
+    from hallo3_worker.models.loading import build_on_meta
+    from hallo3_worker.models.transformer import Hallo3Transformer
+
+    model = build_on_meta(lambda: Hallo3Transformer(presets.full_transformer()), torch.bfloat16)
+    fuse_projections(model)
+    block = sum(p.nbytes for p in model.blocks[0].parameters())
+    assert len(model.blocks) == fitness.TRANSFORMER_NUM_BLOCKS and block == fitness.TRANSFORMER_BLOCK_BYTES
+    rest = sum(p.nbytes for p in model.parameters()) - len(model.blocks) * block
+    assert rest == fitness.TRANSFORMER_REST_BYTES
+    # Streaming is what brings the full policy under 20 GiB.
+    assert fitness.estimate_gpu_bytes("full") <= 20 * 2**30

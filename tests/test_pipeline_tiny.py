@@ -291,10 +291,10 @@ def test_full_offload_keeps_the_transformer_away_from_the_vae_decode(speech_2_5s
     visiting = Hallo3Pipeline._visiting
 
     @contextlib.contextmanager
-    def recording(self, module, offloaded=None):
+    def recording(self, module, offloaded=None, skip=()):
         name = type(module).__name__
         events.append(f"visit {name}" if (offloaded if offloaded is not None else self.placement.offload) else f"resident {name}")
-        with visiting(self, module, offloaded):
+        with visiting(self, module, offloaded, skip):
             yield
         events.append(f"leave {name}")
 

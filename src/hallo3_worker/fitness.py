@@ -42,7 +42,8 @@ DEFAULT_COMPONENT_BYTES: dict[str, int] = {
 #: Offload policies (``HALLO3_OFFLOAD`` without ``auto``), from most to least GPU memory:
 #: ``off`` keeps every network on the GPU; ``partial`` keeps the once-per-job networks (reference
 #: network, T5) in CPU memory, visiting the GPU for their own stage; ``full`` also keeps the main
-#: transformer there, visiting for each segment's denoising, with its MLPs run in slices.
+#: transformer there: its small parts visit for each segment's denoising, its blocks one at a time
+#: during each forward, and its MLPs run in slices.
 OFFLOAD_POLICIES: tuple[str, ...] = ("off", "partial", "full")
 #: Which network visits the GPU for which stage, per policy; every other network stays resident.
 VISITORS: dict[str, dict[str, str]] = {
@@ -72,6 +73,13 @@ STAGE_ACTIVATION_BYTES: dict[str, int] = {
 #: 2 x (1, 48, 1350, 64) bf16, shared by both halves of the guided batch (hallo3_worker.denoiser).
 #: Twice the tokens they replace, in exchange for two (1350 x 3072 x 3072) products per block and step.
 REFERENCE_BANK_BYTES = 42 * 2 * 1350 * 3072 * 2
+#: The main transformer in bf16 (fused projections): each of its blocks, and everything else
+#: (embeddings, projectors, final layer). Under ``full`` the blocks stream through the GPU
+#: (hallo3_worker.models.block_streaming): the running block and the next one are there at once.
+TRANSFORMER_NUM_BLOCKS = 42
+TRANSFORMER_BLOCK_BYTES = 361_986_560
+TRANSFORMER_REST_BYTES = 2_638_679_168
+STREAMED_BLOCKS = 2
 #: What tensor sizes do not show: CUDA context, cuBLAS/cuDNN/attention workspaces and the caching
 #: allocator's rounding and fragmentation (an allowance, not a measurement).
 CUDA_OVERHEAD_BYTES = 2 * GIB
@@ -163,7 +171,13 @@ def estimate_gpu_bytes(
         "vae_encode": REFERENCE_BANK_BYTES + stage["vae_encode"],
         "vae_decode": REFERENCE_BANK_BYTES + stage["vae_decode"],
     }
-    peak = max(bytes_ + (weights[visitors[name]] if name in visitors else 0) for name, bytes_ in peaks.items())
+    visiting = {name: weights[network] for name, network in visitors.items()}
+    if policy == "full":  # the blocks stream: two of them and the rest of the transformer are on the GPU
+        share = (TRANSFORMER_REST_BYTES + STREAMED_BLOCKS * TRANSFORMER_BLOCK_BYTES) / (
+            TRANSFORMER_REST_BYTES + TRANSFORMER_NUM_BLOCKS * TRANSFORMER_BLOCK_BYTES
+        )
+        visiting["denoise"] = int(weights[hw.TRANSFORMER] * share)
+    peak = max(bytes_ + visiting.get(name, 0) for name, bytes_ in peaks.items())
     return resident + peak + CUDA_OVERHEAD_BYTES
 
 

@@ -33,6 +33,13 @@ Variables (all optional):
                                    ``hallo3-job-state`` folder on the network volume when one is
                                    mounted, otherwise off.
 ``HALLO3_JOB_STATE_MAX_AGE_H``     Saved progress untouched this long is removed (hours).
+``HALLO3_PRESETS``                 Speed presets jobs may ask for, comma-separated, from ``exact``,
+                                   ``balanced``, ``fast`` (default: all three; ``exact`` is always
+                                   allowed: it is the default).
+``HALLO3_FAST_CACHE_THRESHOLD``    ``fast``: default step-cache threshold (0 to 0.3; 0 turns the
+                                   cache off).
+``HALLO3_FAST_CFG_FRACTION``       ``fast``: default share of the steps that run classifier-free
+                                   guidance in full (0.4 to 1; 1 turns the truncation off).
 ``HALLO3_LOG_LEVEL``               Log level, also applied to the Runpod SDK's logger (falls back to
                                    ``RUNPOD_LOG_LEVEL``, ``RUNPOD_DEBUG_LEVEL``, then INFO).
 ``BUCKET_ENDPOINT_URL``            S3-compatible endpoint for result upload (Runpod convention).
@@ -60,6 +67,11 @@ MIB = 1024 * 1024
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: HALLO3_OFFLOAD values: "auto" or one of hallo3_worker.fitness.OFFLOAD_POLICIES.
 OFFLOAD_CHOICES = ("auto", "off", "partial", "full")
+#: Speed presets (hallo3_worker.interface.Preset values), and the safe ranges of the "fast" knobs
+#: that both the endpoint settings and a job's input must stay within.
+PRESET_CHOICES = ("exact", "balanced", "fast")
+CACHE_THRESHOLD_RANGE = (0.0, 0.3)
+CFG_FRACTION_RANGE = (0.4, 1.0)
 
 
 class SettingsError(ValueError):
@@ -108,6 +120,9 @@ class Settings:
     job_state_dir: Path | None = None
     job_state_max_age_h: float = 72.0
     job_state_stale_after_s: float = 900.0  # a lock on another host not refreshed for this long is abandoned
+    presets: tuple[str, ...] = PRESET_CHOICES
+    fast_cache_threshold: float = 0.1
+    fast_cfg_fraction: float = 0.6
 
     def __post_init__(self) -> None:
         _require(self.max_image_bytes > 0, "HALLO3_MAX_IMAGE_BYTES must be positive")
@@ -129,6 +144,12 @@ class Settings:
         _require(self.job_state_dir is None or self.job_state_dir.is_absolute(),
                  "HALLO3_JOB_STATE_DIR must be an absolute path or 'off'")
         _require(self.job_state_max_age_h > 0, "HALLO3_JOB_STATE_MAX_AGE_H must be positive")
+        _require(bool(self.presets) and set(self.presets) <= set(PRESET_CHOICES) and "exact" in self.presets,
+                 f"HALLO3_PRESETS must name presets from {', '.join(PRESET_CHOICES)}, including exact")
+        _require(CACHE_THRESHOLD_RANGE[0] <= self.fast_cache_threshold <= CACHE_THRESHOLD_RANGE[1],
+                 "HALLO3_FAST_CACHE_THRESHOLD must be between {:g} and {:g}".format(*CACHE_THRESHOLD_RANGE))
+        _require(CFG_FRACTION_RANGE[0] <= self.fast_cfg_fraction <= CFG_FRACTION_RANGE[1],
+                 "HALLO3_FAST_CFG_FRACTION must be between {:g} and {:g}".format(*CFG_FRACTION_RANGE))
 
 
 def _require(condition: bool, message: str) -> None:
@@ -184,6 +205,17 @@ def _bucket(env: Mapping[str, str]) -> BucketSettings | None:
     return BucketSettings(endpoint, key_id, secret, name, prefix)
 
 
+def _presets(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = _str(env, "HALLO3_PRESETS")
+    if raw is None:
+        return PRESET_CHOICES
+    names = [name.strip().lower() for name in raw.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PRESET_CHOICES]
+    if unknown:
+        raise SettingsError(f"HALLO3_PRESETS: unknown preset {unknown[0]!r}; choose from {', '.join(PRESET_CHOICES)}")
+    return tuple(name for name in PRESET_CHOICES if name in names or name == "exact")
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (``os.environ`` when omitted). Raises SettingsError."""
     env = os.environ if env is None else env
@@ -225,4 +257,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         on_platform=_str(env, "RUNPOD_WEBHOOK_POST_OUTPUT") is not None,
         job_state_dir=job_state_dir,
         job_state_max_age_h=_float(env, "HALLO3_JOB_STATE_MAX_AGE_H", defaults.job_state_max_age_h),
+        presets=_presets(env),
+        fast_cache_threshold=_float(env, "HALLO3_FAST_CACHE_THRESHOLD", defaults.fast_cache_threshold),
+        fast_cfg_fraction=_float(env, "HALLO3_FAST_CFG_FRACTION", defaults.fast_cfg_fraction),
     )

@@ -8,7 +8,7 @@ benchmarks, where weight values do not matter).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TypeVar
 
 import torch
@@ -56,12 +56,15 @@ def materialize_random(model: M, device: torch.device | str, seed: int = 0, std:
     return model.eval().requires_grad_(False)
 
 
-def replace_tensors(module: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+def replace_tensors(
+    module: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor], skip: Collection[nn.Module] = ()
+) -> Callable[[], None]:
     """Put ``convert(t)`` in place of every parameter and buffer ``t`` of ``module``, keeping ties.
 
     A tensor shared by several submodules (tied embeddings) is converted once and stays shared.
     Unlike ``module.to(...)``, the original tensors are kept, not released: the returned function
     puts them back (and drops the converted ones). Parameters come back as the same objects.
+    The submodules in ``skip`` (and everything inside them) are left as they are.
     """
     converted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(original) -> (original, new)
     replaced: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []
@@ -74,7 +77,10 @@ def replace_tensors(module: nn.Module, convert: Callable[[torch.Tensor], torch.T
             converted[id(tensor)] = (tensor, value)
         return converted[id(tensor)][1]
 
+    skipped = {id(inner) for outer in skip for inner in outer.modules()}
     for sub in module.modules():
+        if id(sub) in skipped:
+            continue
         for table, parameter in ((sub._parameters, True), (sub._buffers, False)):
             for name, tensor in list(table.items()):
                 if tensor is None:
