@@ -13,7 +13,7 @@ LAYERS = [
     {"errors", "settings", "timing", "interface"},
     {"models", "sampling"},
     {"conditioning", "weights", "denoiser"},
-    {"memory", "fitness"},
+    {"memory", "fitness", "presets", "parallel"},
     {"pipeline"},
     {"pipeline_factory", "tiny"},
     {"worker"},

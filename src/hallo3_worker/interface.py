@@ -29,6 +29,14 @@ class Framing(str, enum.Enum):
     AUTO = "auto"  # keeps the whole detected head for portrait images (a documented extension)
 
 
+class Preset(str, enum.Enum):
+    """Speed preset of a job (:mod:`hallo3_worker.presets`)."""
+
+    EXACT = "exact"  # upstream's recipe, bit for bit
+    BALANCED = "balanced"  # fp8 linear layers and 8-bit attention where the GPU has the kernels
+    FAST = "fast"  # balanced, plus step caching and classifier-free guidance on the first steps only
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodedImage:
     """``rgb``: uint8 (H, W, 3), upright. ``format``/``mode``: Pillow's names for the source."""
@@ -95,6 +103,12 @@ class GenerationRequest:
     framing: Framing = Framing.UPSTREAM
     separate_vocals: bool = True
     max_duration_s: float | None = None
+    preset: Preset = Preset.EXACT
+    # "fast" only: relative change of the first block's residual below which a step reuses the
+    # cached residual of the other blocks (0: never), and the share of the steps that run the
+    # unconditional half of classifier-free guidance (1: all).
+    cache_threshold: float = 0.0
+    cfg_fraction: float = 1.0
     # The job's private folder: the only place the pipeline may write files (e.g. separated vocals).
     work_dir: Path | None = None
     # The files as decoded and checked by the worker; a pipeline decodes the paths itself only without it.
@@ -136,6 +150,9 @@ class GenerationResult:
     """Frames in RGB uint8, shape (num_frames, height, width, 3), plus per-stage timings in seconds.
 
     ``peak_memory_bytes``: the most the accelerator held during generation (None on the CPU).
+    ``denoiser_forwards``: full passes of the main transformer (a guided batch counts once);
+    ``cached_steps``: steps that ran its first block only and reused the cached residual;
+    ``cond_only_steps``: steps that ran without the unconditional half. None: not reported.
     """
 
     frames: np.ndarray
@@ -143,6 +160,10 @@ class GenerationResult:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     peak_memory_bytes: int | None = None
+    preset: Preset = Preset.EXACT
+    denoiser_forwards: int | None = None
+    cached_steps: int | None = None
+    cond_only_steps: int | None = None
 
 
 class Cancelled(Exception):

@@ -61,7 +61,7 @@ from hallo3_worker.conditioning.decode import InputLimits, decode_inputs
 from hallo3_worker.conditioning.face import FaceAnalysisResult
 from hallo3_worker.conditioning.image import CANVAS_SIZE, ProcessedImage, crop_output_frames, preprocess_image
 from hallo3_worker.conditioning.text import T5TextEncoder
-from hallo3_worker.denoiser import SegmentConditions, guidance_model_fn
+from hallo3_worker.denoiser import SegmentConditions
 from hallo3_worker.interface import (
     FrameSink,
     Framing,
@@ -81,6 +81,7 @@ from hallo3_worker.models.reference_net import ReferenceNet
 from hallo3_worker.models.speedups import ExactSpeedups, apply_speedups
 from hallo3_worker.models.transformer import Hallo3Transformer
 from hallo3_worker.models.vae import Hallo3VAE
+from hallo3_worker.presets import SpeedPresets
 from hallo3_worker.sampling import SamplerConfig, Schedule, sample
 from hallo3_worker.timing import timed
 
@@ -270,6 +271,8 @@ class Hallo3Pipeline:
                 speedups, placement.device, components.transformer, components.reference_net,
                 compiled=components.transformer.blocks,
             )
+            self.presets = SpeedPresets(components.transformer, placement.device, placement.dtype,
+                                        offloaded=placement.offload_transformer)
         self.is_tiny = is_tiny
         self.canvas = canvas
         self.output_canvas = output_canvas
@@ -339,6 +342,7 @@ class Hallo3Pipeline:
             torch.inference_mode(),
             _work_dir(job.request.work_dir) as work_dir,
             device_peak_memory(self.placement.device) as peak,
+            self.presets.job(job.request) as speed,
         ):
             shared = self.condition_job(job, noise, work_dir, cancel, timings)
             self._segments(shared, noise, on_frames or (lambda done: kept.append(done.frames)), start, progress,
@@ -346,7 +350,7 @@ class Hallo3Pipeline:
         if peak.bytes is not None:
             logger.info("peak device memory of this job: %.2f GiB", peak.bytes / 2**30)
         frames = np.concatenate(kept) if kept else np.zeros((0, job.height, job.width, 3), np.uint8)
-        return GenerationResult(frames=frames, fps=FPS, timings=timings, peak_memory_bytes=peak.bytes)
+        return GenerationResult(frames=frames, fps=FPS, timings=timings, peak_memory_bytes=peak.bytes, **speed.report())
 
     # --------------------------------------------------------------------- once per job
 
@@ -471,7 +475,7 @@ class Hallo3Pipeline:
                 # Once per job: the tokens' keys and values replace the tokens (the same values every step).
                 shared.reference = transformer.reference_kv(shared.reference)
             return sample(
-                guidance_model_fn(transformer, conditions, shared.reference),
+                self.presets.model_fn(transformer, conditions, shared.reference, shared.sampler.num_steps),
                 noise.initial(segment, shape).to(device),
                 shared.sampler,
                 lambda step, like: noise.step(segment, step, like).to(like.device),

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from hallo3_worker.errors import ErrorCode, InputError
-from hallo3_worker.interface import Framing
-from hallo3_worker.settings import BucketSettings, Settings
+from hallo3_worker.interface import Framing, Preset
+from hallo3_worker.settings import PRESET_CHOICES, BucketSettings, Settings
 from hallo3_worker.worker.schema import DEFAULT_PROMPT, OutputMode, parse_job
 
 BASE = {"image": "aGVsbG8=", "audio": "aGVsbG8="}
@@ -34,6 +34,7 @@ def test_defaults(settings: Settings) -> None:
     assert spec.output.mode is OutputMode.AUTO and spec.output.filename is None
     assert spec.s3_config is None
     assert 0 <= spec.seed <= 2**32 - 1
+    assert (spec.preset, spec.cache_threshold, spec.cfg_fraction) == (Preset.EXACT, 0.0, 1.0)
 
 
 def test_random_seeds_differ(settings: Settings) -> None:
@@ -85,6 +86,15 @@ def test_explicit_values(settings: Settings) -> None:
         ({"image": None}, ErrorCode.MISSING_FIELD),
         ({"audio": 12}, ErrorCode.INVALID_TYPE),
         ({"audio": "  "}, ErrorCode.INVALID_INPUT),
+        ({"preset": "turbo"}, ErrorCode.INVALID_INPUT),
+        ({"preset": 2}, ErrorCode.INVALID_TYPE),
+        ({"preset": "fast", "cache_threshold": 0.5}, ErrorCode.OUT_OF_RANGE),  # above the safe 0.3
+        ({"preset": "fast", "cache_threshold": -0.1}, ErrorCode.OUT_OF_RANGE),
+        ({"preset": "fast", "cache_threshold": "0.1"}, ErrorCode.INVALID_TYPE),
+        ({"preset": "fast", "cfg_fraction": 0.2}, ErrorCode.OUT_OF_RANGE),  # below the safe 0.4
+        ({"preset": "fast", "cfg_fraction": 1.5}, ErrorCode.OUT_OF_RANGE),
+        ({"preset": "balanced", "cache_threshold": 0.1}, ErrorCode.INVALID_INPUT),  # fast only
+        ({"cfg_fraction": 0.8}, ErrorCode.INVALID_INPUT),
     ],
 )
 def test_rejections(settings: Settings, fields: dict[str, Any], code: ErrorCode) -> None:
@@ -119,3 +129,23 @@ def test_incomplete_s3_config(settings: Settings) -> None:
 def test_s3_mode_accepts_the_endpoint_bucket(make_settings: Any) -> None:
     settings = make_settings(bucket=BucketSettings("https://s3.example.com", "k", "s", "b"))
     assert parse(settings, output={"mode": "s3"}).output.mode is OutputMode.S3
+
+
+def test_presets(make_settings: Any) -> None:
+    settings = make_settings(fast_cache_threshold=0.05, fast_cfg_fraction=0.8)
+    assert parse(settings, preset=" Balanced ").preset is Preset.BALANCED
+    balanced = parse(settings, preset="balanced")
+    assert (balanced.cache_threshold, balanced.cfg_fraction) == (0.0, 1.0)  # the fast knobs are off
+    fast = parse(settings, preset="fast")  # the endpoint's defaults
+    assert (fast.preset, fast.cache_threshold, fast.cfg_fraction) == (Preset.FAST, 0.05, 0.8)
+    tuned = parse(settings, preset="fast", cache_threshold=0, cfg_fraction=1)
+    assert (tuned.cache_threshold, tuned.cfg_fraction) == (0.0, 1.0)
+    assert parse(settings, preset=None, cache_threshold=None).preset is Preset.EXACT
+    assert [p.value for p in Preset] == list(PRESET_CHOICES)
+
+
+def test_a_preset_the_endpoint_does_not_allow_is_rejected(make_settings: Any) -> None:
+    settings = make_settings(presets=("exact", "balanced"))
+    code, message = code_of(settings, {"input": {**BASE, "preset": "fast"}})
+    assert code is ErrorCode.INVALID_INPUT and "not enabled" in message and "exact, balanced" in message
+    assert parse(settings, preset="exact").preset is Preset.EXACT

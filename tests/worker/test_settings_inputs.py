@@ -58,6 +58,9 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         {"HALLO3_LOG_LEVEL": "LOUD"},
         {"HALLO3_VIDEO_CRF": "99"},
         {"HALLO3_OFFLOAD": "on"},
+        {"HALLO3_PRESETS": "exact,turbo"},
+        {"HALLO3_FAST_CACHE_THRESHOLD": "0.5"},
+        {"HALLO3_FAST_CFG_FRACTION": "0.1"},
     ],
 )
 def test_bad_values_fail_at_start_up(env: dict[str, str]) -> None:
@@ -145,3 +148,11 @@ def test_offload_choices_are_auto_plus_the_fitness_policies() -> None:
     from hallo3_worker.settings import OFFLOAD_CHOICES
 
     assert OFFLOAD_CHOICES == ("auto", *fitness.OFFLOAD_POLICIES)
+
+
+def test_preset_settings() -> None:
+    settings = load_settings({"HALLO3_PRESETS": "Fast", "HALLO3_FAST_CACHE_THRESHOLD": "0.05",
+                              "HALLO3_FAST_CFG_FRACTION": "0.75"})
+    assert settings.presets == ("exact", "fast")  # exact, the default preset, is always allowed
+    assert (settings.fast_cache_threshold, settings.fast_cfg_fraction) == (0.05, 0.75)
+    assert load_settings({}).presets == ("exact", "balanced", "fast")

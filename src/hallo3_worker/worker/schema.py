@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from hallo3_worker.errors import ErrorCode, InputError
-from hallo3_worker.interface import Framing
-from hallo3_worker.settings import Settings
+from hallo3_worker.interface import Framing, Preset
+from hallo3_worker.settings import CACHE_THRESHOLD_RANGE, CFG_FRACTION_RANGE, Settings
 
 DEFAULT_PROMPT = "A person is talking."
 MAX_PROMPT_CHARS = 2000
@@ -43,8 +43,13 @@ INPUT_FIELDS = (
     "framing",
     "separate_vocals",
     "max_duration_s",
+    "preset",
+    "cache_threshold",
+    "cfg_fraction",
     "output",
 )
+#: Job fields that tune the "fast" preset (only accepted with it).
+FAST_FIELDS = ("cache_threshold", "cfg_fraction")
 OUTPUT_FIELDS = ("mode", "filename")
 S3_CONFIG_FIELDS = ("accessId", "accessSecret", "bucketName", "endpointUrl")
 
@@ -92,6 +97,9 @@ class JobSpec:
     max_duration_s: float | None
     output: OutputOptions
     s3_config: S3Config | None
+    preset: Preset = Preset.EXACT
+    cache_threshold: float = 0.0  # "fast" only; 0 otherwise
+    cfg_fraction: float = 1.0  # "fast" only; 1 otherwise
 
 
 def _type_name(value: Any) -> str:
@@ -272,6 +280,43 @@ def _max_duration(value: Any, settings: Settings) -> float | None:
     return _float_in("max_duration_s", value, settings.min_duration_s, settings.max_duration_s)
 
 
+def _preset(value: Any, settings: Settings) -> Preset:
+    if value is None:
+        return Preset.EXACT
+    allowed = ", ".join(settings.presets)
+    if not isinstance(value, str):
+        raise _wrong_type("preset", f"one of {allowed}", value)
+    name = value.strip().lower()
+    try:
+        preset = Preset(name)
+    except ValueError:
+        raise InputError(
+            ErrorCode.INVALID_INPUT,
+            f"'preset' must be one of {', '.join(p.value for p in Preset)}, got '{value[:40]}'.",
+        ) from None
+    if preset.value not in settings.presets:
+        raise InputError(
+            ErrorCode.INVALID_INPUT, f"Preset '{preset.value}' is not enabled on this endpoint; it allows {allowed}."
+        )
+    return preset
+
+
+def _fast_knobs(data: Mapping[str, Any], preset: Preset, settings: Settings) -> tuple[float, float]:
+    """(cache_threshold, cfg_fraction): the job's, the endpoint's defaults for "fast", else (0, 1)."""
+    given = [name for name in FAST_FIELDS if data.get(name) is not None]
+    if preset is not Preset.FAST:
+        if given:
+            raise InputError(ErrorCode.INVALID_INPUT, f"'{given[0]}' applies to preset 'fast' only.")
+        return 0.0, 1.0
+    threshold = data.get("cache_threshold")
+    fraction = data.get("cfg_fraction")
+    return (
+        settings.fast_cache_threshold if threshold is None
+        else _float_in("cache_threshold", threshold, *CACHE_THRESHOLD_RANGE),
+        settings.fast_cfg_fraction if fraction is None else _float_in("cfg_fraction", fraction, *CFG_FRACTION_RANGE),
+    )
+
+
 def parse_job(job: Mapping[str, Any], settings: Settings) -> JobSpec:
     """Validate a raw Runpod job (``{"id", "input", "s3Config"?...}``); raise ``InputError``."""
     data = job.get("input")
@@ -286,6 +331,8 @@ def parse_job(job: Mapping[str, Any], settings: Settings) -> JobSpec:
             "output.mode 's3' needs a bucket: send 's3Config' with the request or configure BUCKET_* "
             "on the endpoint.",
         )
+    preset = _preset(data.get("preset"), settings)
+    cache_threshold, cfg_fraction = _fast_knobs(data, preset, settings)
     return JobSpec(
         job_id=str(job.get("id") or "local"),
         image=_media(data, "image"),
@@ -301,4 +348,7 @@ def parse_job(job: Mapping[str, Any], settings: Settings) -> JobSpec:
         max_duration_s=_max_duration(data.get("max_duration_s"), settings),
         output=output,
         s3_config=s3_config,
+        preset=preset,
+        cache_threshold=cache_threshold,
+        cfg_fraction=cfg_fraction,
     )

@@ -35,6 +35,8 @@ from hallo3_worker.errors import ErrorCode, UserFacingError
 from hallo3_worker.interface import (
     Cancelled,
     GenerationRequest,
+    GenerationResult,
+    Preset,
     Progress,
     ResumeStateError,
     SegmentOutput,
@@ -125,9 +127,9 @@ class Worker:
         warnings: list[str] = [TINY_MODEL_WARNING] if self.pipeline.is_tiny else []
         report = _ProgressReporter(job, self.settings.on_platform, self._send_progress)
         logger.info(
-            "Job %s: image %s, audio %s, seed %d, steps %d, guidance %g, framing %s, output %s",
+            "Job %s: image %s, audio %s, seed %d, steps %d, guidance %g, framing %s, preset %s, output %s",
             _job_ref(job), describe(spec.image), describe(spec.audio), spec.seed, spec.steps, spec.guidance,
-            spec.framing.value, spec.output.mode.value,
+            spec.framing.value, spec.preset.value, spec.output.mode.value,
         )
 
         report.stage("fetch")
@@ -156,6 +158,9 @@ class Worker:
             framing=spec.framing,
             separate_vocals=spec.separate_vocals,
             max_duration_s=spec.max_duration_s,
+            preset=spec.preset,
+            cache_threshold=spec.cache_threshold,
+            cfg_fraction=spec.cfg_fraction,
             work_dir=job_dir,
             inputs=inputs,
         )
@@ -204,6 +209,7 @@ class Worker:
             "has_audio": video.has_audio,
             "size_bytes": video.size_bytes,
             "gpu_peak_memory_gib": None if result.peak_memory_bytes is None else round(result.peak_memory_bytes / 2**30, 2),
+            **_speed_report(spec, result),
             "timings": timings,
             "warnings": _unique(warnings + prepared.warnings + result.warnings + delivered.warnings),
         }
@@ -226,6 +232,7 @@ class Worker:
         fields = {"prompt": spec.prompt, "seed": given_seed, "steps": spec.steps, "guidance": spec.guidance,
                   "framing": spec.framing.value, "separate_vocals": spec.separate_vocals,
                   "max_duration_s": spec.max_duration_s, "crf": s.video_crf, "preset": s.video_preset,
+                  "speed": [spec.preset.value, spec.cache_threshold, spec.cfg_fraction],
                   "model": str(s.weights_dir) if s.weights_dir else "tiny", "format": job_state.FORMAT}
         digest = job_state.input_digest(files, fields)
         state = job_state.JobState.claim(s.job_state_dir, _job_ref(job), digest, s.job_state_stale_after_s)
@@ -319,6 +326,16 @@ def _checked_frames(frames: np.ndarray) -> np.ndarray:
     if frames.dtype != np.uint8:
         raise RuntimeError(f"pipeline handed on frames of dtype {frames.dtype}; expected uint8")
     return frames
+
+
+def _speed_report(spec: JobSpec, result: GenerationResult) -> dict[str, Any]:
+    """The result's preset fields: the preset, its "fast" knobs, and the denoiser's work as counted."""
+    report: dict[str, Any] = {"preset": spec.preset.value}
+    if spec.preset is Preset.FAST:
+        report.update(cache_threshold=spec.cache_threshold, cfg_fraction=spec.cfg_fraction)
+    report.update(denoiser_forwards=result.denoiser_forwards, cached_steps=result.cached_steps,
+                  cond_only_steps=result.cond_only_steps)
+    return report
 
 
 def _unique(items: list[str]) -> list[str]:
