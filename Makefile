@@ -30,7 +30,7 @@ demo: setup
 	$(PY) scripts/run_job.py test_input.json out/demo.mp4
 
 bench: setup
-	$(PY) scripts/benchmark_denoiser.py
+	$(PY) scripts/bench_speedups.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

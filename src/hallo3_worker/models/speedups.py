@@ -54,6 +54,8 @@ def compile_blocks(blocks: nn.ModuleList, **options: Any) -> int:
     """
     options = {"dynamic": False, **options}
     for block in blocks:
+        if "forward" in vars(block):  # compiled already (another pipeline over the same networks)
+            continue
         # The forward, not the module's whole call: forward hooks (block streaming) stay eager.
         block.forward = torch.compile(block.forward, **options)
     return len(blocks)
