@@ -16,7 +16,9 @@ What :class:`Hallo3VAE` reproduces from upstream Hallo3:
   chunking changes the pixels (GroupNorm statistics are per call), so it is not optional. Output is
   ``clamp((x + 1) / 2, 0, 1)`` in float32.
 
-No tiling and no other chunking is applied, because both change the output.
+No tiling and no other chunking is applied, because both change the output. The decoder runs
+sliced by default (:mod:`hallo3_worker.models.vae_slicing`): the same math in row slices, with each
+GroupNorm's statistics gathered over the whole call first, for a much lower peak memory.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLCogVideoX
+
+from hallo3_worker.models.vae_slicing import DEFAULT_DECODER_SLICING, DecoderSlicing, slice_vae_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -289,11 +293,20 @@ class Hallo3VAE:
     Layouts: pixels are (B, 3, F, H, W) in [-1, 1]; latents handed to / returned from the denoiser are
     (B, T, C, h, w) **in scaled space** (already multiplied by ``scaling_factor``), as in upstream
     where the DiT consumes (B, T, C, h, w). F = 4 (T - 1) + 1, h = H / 8, w = W / 8 for the real VAE.
+    ``decoder_slicing`` (default on) attaches the sliced decoder to ``vae``; None leaves it plain.
     """
 
-    def __init__(self, vae: AutoencoderKLCogVideoX, scaling_factor: float = VAE_SCALING_FACTOR) -> None:
+    def __init__(
+        self,
+        vae: AutoencoderKLCogVideoX,
+        scaling_factor: float = VAE_SCALING_FACTOR,
+        *,
+        decoder_slicing: DecoderSlicing | None = DEFAULT_DECODER_SLICING,
+    ) -> None:
         if vae.config.get("use_quant_conv") or vae.config.get("use_post_quant_conv"):
             raise ValueError("the CogVideoX VAE used by Hallo3 has no quant/post-quant convolutions")
+        if decoder_slicing is not None:
+            slice_vae_decoder(vae, decoder_slicing)
         self.vae = vae
         self.scaling_factor = float(scaling_factor)
 
