@@ -67,7 +67,7 @@ STAGE_ACTIVATION_BYTES: dict[str, int] = {
     "denoise": 3_290_333_184,
     "denoise_chunked": 2_402_067_456,
     "vae_encode": 2_569_881_600,
-    "vae_decode": 15_824_160_000,
+    "vae_decode": 7_061_888_768,
 }
 #: The reference tokens' keys and values, made once per job and kept for the whole job: 42 blocks x
 #: 2 x (1, 48, 1350, 64) bf16, shared by both halves of the guided batch (hallo3_worker.denoiser).

@@ -143,6 +143,7 @@ def estimate_stage_memory(
     max_duration_s: float = 60.0,
     stages: Iterable[str] | None = None,
     feed_forward_chunk: int | None = None,
+    sliced_vae_decode: bool = True,
 ) -> dict[str, StageMemory]:
     """Weights and activation peaks of each stage of a full-size Hallo3 job at 480x720.
 
@@ -150,7 +151,9 @@ def estimate_stage_memory(
     Stages: ``audio`` (wav2vec2 on ``max_duration_s`` seconds, float32), ``text`` (T5-XXL encoder,
     226 tokens), ``reference`` (reference-image VAE encode + reference network), ``denoise`` (one
     classifier-free-guidance forward of the main transformer, batch 2, with fused projections and
-    the batch-1 reference keys and values among the inputs), ``vae_encode`` (the 3-frame motion clip) and ``vae_decode`` (13 latent frames to 49).
+    the batch-1 reference keys and values among the inputs), ``vae_encode`` (the 3-frame motion
+    clip) and ``vae_decode`` (13 latent frames to 49 with the worker's sliced decoder; diffusers'
+    plain one when ``sliced_vae_decode`` is false).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import T5Config, T5EncoderModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -164,6 +167,7 @@ def estimate_stage_memory(
     from hallo3_worker.models.reference_net import ReferenceNet
     from hallo3_worker.models.transformer import Hallo3Transformer
     from hallo3_worker.models.vae import COGVIDEOX_5B_VAE, SEGMENT_LATENT_FRAMES, Hallo3VAE, build_vae
+    from hallo3_worker.models.vae_slicing import unslice_vae_decoder
 
     wanted = set(stages) if stages is not None else set(STAGES)
     unknown = wanted - set(STAGES)
@@ -254,6 +258,8 @@ def estimate_stage_memory(
             results["vae_encode"] = measure(lambda: vae.encode_condition(clip, noise=noise), [vae.vae], [clip, noise])
 
         if "vae_decode" in wanted:
+            if not sliced_vae_decode:
+                unslice_vae_decoder(vae.vae)
             latents = empty(1, SEGMENT_LATENT_FRAMES, COGVIDEOX_5B_VAE.z_channels, h, w)
             results["vae_decode"] = measure(lambda: vae.decode(latents), [vae.vae], [latents])
     return {name: results[name] for name in STAGES if name in results}
