@@ -33,6 +33,17 @@ Variables (all optional):
                                    ``hallo3-job-state`` folder on the network volume when one is
                                    mounted, otherwise off.
 ``HALLO3_JOB_STATE_MAX_AGE_H``     Saved progress untouched this long is removed (hours).
+``HALLO3_COMPILE``                 Regional ``torch.compile`` of the transformer blocks: ``auto`` (on
+                                   for CUDA GPUs, compiled once at start-up), ``on`` or ``off``.
+``HALLO3_ATTENTION``               Attention kernel: ``auto`` (FlashAttention-3 on Hopper when
+                                   installed, else cuDNN, else PyTorch's choice) or one of ``sdpa``,
+                                   ``cudnn``, ``flash``, ``efficient``, ``math``, ``fa3``.
+``HALLO3_GPUS``                    GPUs one worker uses, one process each: ``auto`` (every visible
+                                   GPU) or a number. Several share each segment's denoising.
+``HALLO3_PARALLEL``                How several GPUs split the work: ``auto`` or ``<cfg>x<ulysses>``
+                                   (``2x4``: the guided batch's two halves, each split 4 ways).
+``HALLO3_COLLECTIVE_TIMEOUT_S``    With several GPUs: how long one exchange between them may take
+                                   before the job fails and the worker restarts (seconds).
 ``HALLO3_PRESETS``                 Speed presets jobs may ask for, comma-separated, from ``exact``,
                                    ``balanced``, ``fast`` (default: all three; ``exact`` is always
                                    allowed: it is the default).
@@ -57,6 +68,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,6 +79,9 @@ MIB = 1024 * 1024
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: HALLO3_OFFLOAD values: "auto" or one of hallo3_worker.fitness.OFFLOAD_POLICIES.
 OFFLOAD_CHOICES = ("auto", "off", "partial", "full")
+COMPILE_CHOICES = ("auto", "on", "off")
+#: HALLO3_ATTENTION values: "auto" or one of hallo3_worker.models.attention.BACKENDS.
+ATTENTION_CHOICES = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "fa3")
 #: Speed presets (hallo3_worker.interface.Preset values), and the safe ranges of the "fast" knobs
 #: that both the endpoint settings and a job's input must stay within.
 PRESET_CHOICES = ("exact", "balanced", "fast")
@@ -120,6 +135,11 @@ class Settings:
     job_state_dir: Path | None = None
     job_state_max_age_h: float = 72.0
     job_state_stale_after_s: float = 900.0  # a lock on another host not refreshed for this long is abandoned
+    compile: str = "auto"
+    attention: str = "auto"
+    gpus: str = "auto"
+    parallel: str = "auto"
+    collective_timeout_s: float = 300.0
     presets: tuple[str, ...] = PRESET_CHOICES
     fast_cache_threshold: float = 0.1
     fast_cfg_fraction: float = 0.6
@@ -144,6 +164,13 @@ class Settings:
         _require(self.job_state_dir is None or self.job_state_dir.is_absolute(),
                  "HALLO3_JOB_STATE_DIR must be an absolute path or 'off'")
         _require(self.job_state_max_age_h > 0, "HALLO3_JOB_STATE_MAX_AGE_H must be positive")
+        _require(self.compile in COMPILE_CHOICES, f"HALLO3_COMPILE must be one of {', '.join(COMPILE_CHOICES)}")
+        _require(self.attention in ATTENTION_CHOICES, f"HALLO3_ATTENTION must be one of {', '.join(ATTENTION_CHOICES)}")
+        _require(self.gpus == "auto" or (self.gpus.isdigit() and int(self.gpus) >= 1),
+                 f"HALLO3_GPUS must be 'auto' or a number of GPUs (1 or more), got {self.gpus!r}")
+        _require(self.parallel == "auto" or re.fullmatch(r"[12]x[1-9][0-9]*", self.parallel) is not None,
+                 f"HALLO3_PARALLEL must be 'auto' or '<cfg>x<ulysses>' with cfg 1 or 2 (such as 2x4), got {self.parallel!r}")
+        _require(self.collective_timeout_s > 0, "HALLO3_COLLECTIVE_TIMEOUT_S must be positive")
         _require(bool(self.presets) and set(self.presets) <= set(PRESET_CHOICES) and "exact" in self.presets,
                  f"HALLO3_PRESETS must name presets from {', '.join(PRESET_CHOICES)}, including exact")
         _require(CACHE_THRESHOLD_RANGE[0] <= self.fast_cache_threshold <= CACHE_THRESHOLD_RANGE[1],
@@ -257,6 +284,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         on_platform=_str(env, "RUNPOD_WEBHOOK_POST_OUTPUT") is not None,
         job_state_dir=job_state_dir,
         job_state_max_age_h=_float(env, "HALLO3_JOB_STATE_MAX_AGE_H", defaults.job_state_max_age_h),
+        compile=(_str(env, "HALLO3_COMPILE") or defaults.compile).lower(),
+        attention=(_str(env, "HALLO3_ATTENTION") or defaults.attention).lower(),
+        gpus=(_str(env, "HALLO3_GPUS") or defaults.gpus).lower(),
+        parallel=(_str(env, "HALLO3_PARALLEL") or defaults.parallel).lower(),
+        collective_timeout_s=_float(env, "HALLO3_COLLECTIVE_TIMEOUT_S", defaults.collective_timeout_s),
         presets=_presets(env),
         fast_cache_threshold=_float(env, "HALLO3_FAST_CACHE_THRESHOLD", defaults.fast_cache_threshold),
         fast_cfg_fraction=_float(env, "HALLO3_FAST_CFG_FRACTION", defaults.fast_cfg_fraction),

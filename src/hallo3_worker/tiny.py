@@ -36,6 +36,7 @@ from hallo3_worker.models.cpu_speedups import use_onednn_conv3d
 from hallo3_worker.models.face_proj import FaceProjConfig
 from hallo3_worker.models.loading import build_on_meta, materialize_random
 from hallo3_worker.models.reference_net import ReferenceNet, ReferenceNetConfig
+from hallo3_worker.models.speedups import ExactSpeedups
 from hallo3_worker.models.transformer import Hallo3Transformer, TransformerConfig
 from hallo3_worker.models.vae import TINY_VAE, Hallo3VAE, build_vae
 from hallo3_worker.pipeline import Hallo3Components, Hallo3Pipeline, Placement
@@ -103,12 +104,22 @@ class TinyFaceAnalyzer:
         )
 
 
+def build_tiny_transformer(placement: Placement = Placement(), *, seed: int = 0) -> Hallo3Transformer:
+    """The tiny main transformer alone, with the weights :func:`build_tiny_pipeline` gives it for ``seed``."""
+    return materialize_random(
+        build_on_meta(lambda: Hallo3Transformer(tiny_transformer_config()), placement.dtype),
+        placement.transformer_device,
+        seed=seed,
+    )
+
+
 def build_tiny_pipeline(
     assets_dir: Path | None = None,
     placement: Placement = Placement(),
     *,
     seed: int = 0,
     limits: InputLimits = InputLimits(),
+    speedups: ExactSpeedups = ExactSpeedups(),
 ) -> Hallo3Pipeline:
     """Build every tiny component, writing the wav2vec2/T5/separator stand-ins under ``assets_dir``.
 
@@ -120,11 +131,7 @@ def build_tiny_pipeline(
         assets_dir = Path(temporary.name)
     assets_dir = Path(assets_dir)
     device, dtype = placement.device, placement.dtype
-    transformer = materialize_random(
-        build_on_meta(lambda: Hallo3Transformer(tiny_transformer_config()), dtype),
-        placement.transformer_device,
-        seed=seed,
-    )
+    transformer = build_tiny_transformer(placement, seed=seed)
     reference_net = materialize_random(
         build_on_meta(lambda: ReferenceNet(tiny_reference_net_config()), dtype),
         placement.job_network_device,
@@ -151,6 +158,6 @@ def build_tiny_pipeline(
         separator=separator,
     )
     logger.info("built the embedded tiny model on %s (%s)", device, str(dtype).removeprefix("torch."))
-    pipeline = Hallo3Pipeline(components, placement, is_tiny=True, canvas=TINY_CANVAS, limits=limits)
+    pipeline = Hallo3Pipeline(components, placement, is_tiny=True, canvas=TINY_CANVAS, limits=limits, speedups=speedups)
     pipeline.assets_tmp = temporary  # removed with the pipeline
     return pipeline

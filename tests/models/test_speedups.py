@@ -11,7 +11,7 @@ from hallo3_worker.models import attention, presets
 from hallo3_worker.models.layers import fuse_projections
 from hallo3_worker.models.loading import build_on_meta, materialize_random
 from hallo3_worker.models.reference_net import ReferenceNet
-from hallo3_worker.models.speedups import ExactSpeedups, apply_speedups, compile_blocks
+from hallo3_worker.models.speedups import ExactSpeedups, apply_speedups, compile_blocks, warm_up
 from hallo3_worker.models.transformer import Hallo3Transformer
 
 CPU = torch.device("cpu")
@@ -35,7 +35,7 @@ def _inputs(c, seed: int):
         torch.randn(2, c.text_length, c.text_dim, generator=g),
         torch.randn(2, frames, c.audio.window, c.audio.feature_layers, c.audio.feature_dim, generator=g),
         torch.randn(2, c.face.embed_dim, generator=g),
-        [torch.randn(1, 50, c.hidden_size, generator=g) for _ in range(c.num_layers)],
+        [torch.randn(1, c.tokens_per_frame, c.hidden_size, generator=g) for _ in range(c.num_layers)],
     )
 
 
@@ -78,7 +78,7 @@ def test_reference_keys_and_values_once_match_the_tokens(plain, fused) -> None:
     with torch.inference_mode():
         kv = model.reference_kv(inputs[-1])
     nh, dh = plain.config.num_heads, plain.config.head_dim
-    assert len(kv) == plain.config.num_layers and kv[0][0].shape == (1, nh, 50, dh) == kv[0][1].shape
+    assert len(kv) == plain.config.num_layers and kv[0][0].shape == (1, nh, plain.config.tokens_per_frame, dh) == kv[0][1].shape
     expected = _forward(plain, inputs)
     assert relative_error(_forward(model, inputs, reference=kv), expected) <= 1e-5
     # The keys really are what the forward appends: other tokens give another output.
@@ -95,11 +95,15 @@ def test_regional_compile_matches_and_compiles_one_graph_for_all_blocks(plain) -
     compiled = copy.deepcopy(plain)
     fuse_projections(compiled)
     assert compile_blocks(compiled.blocks) == plain.config.num_layers
+    assert compile_blocks(compiled.blocks) == plain.config.num_layers  # compiling again wraps nothing twice
+    assert warm_up(compiled, CPU) > 0  # the start-up forward compiles (cold start, not the first job)
+    assert counters["stats"]["unique_graphs"] == 1  # both blocks run the one compiled graph
     inputs = _inputs(plain.config, 4)
-    kv = compiled.reference_kv(inputs[-1])
+    with torch.inference_mode():  # as jobs run
+        kv = compiled.reference_kv(inputs[-1])
     got = _forward(compiled, inputs, reference=kv)
     assert relative_error(got, _forward(plain, inputs)) <= 1e-5
-    assert counters["stats"]["unique_graphs"] == 1  # both blocks run the one compiled graph
+    assert counters["stats"]["unique_graphs"] == 1  # the job's forward compiled nothing new
     again = _forward(compiled, _inputs(plain.config, 5), reference=kv)  # no recompile for new values
     assert counters["stats"]["unique_graphs"] == 1 and again.shape == got.shape
     torch._dynamo.reset()

@@ -156,3 +156,20 @@ def test_preset_settings() -> None:
     assert settings.presets == ("exact", "fast")  # exact, the default preset, is always allowed
     assert (settings.fast_cache_threshold, settings.fast_cfg_fraction) == (0.05, 0.75)
     assert load_settings({}).presets == ("exact", "balanced", "fast")
+
+
+def test_speed_settings_are_checked_and_reach_the_pipeline() -> None:
+    import torch
+
+    from hallo3_worker.worker.runtime import speedups_for
+
+    cpu = torch.device("cpu")
+    assert load_settings({}).compile == "auto" and load_settings({}).attention == "auto"
+    for name, value in (("HALLO3_COMPILE", "sometimes"), ("HALLO3_ATTENTION", "fastest")):
+        with pytest.raises(SettingsError, match=name):
+            load_settings({name: value})
+    off = speedups_for(load_settings({"HALLO3_COMPILE": "off", "HALLO3_ATTENTION": "math"}), cpu)
+    assert off.compile_blocks is False and off.attention == "math" and off.fused_projections
+    assert speedups_for(load_settings({}), cpu).compile_blocks is None  # auto: on for CUDA only
+    with pytest.raises(SettingsError, match="HALLO3_ATTENTION=fa3"):
+        speedups_for(load_settings({"HALLO3_ATTENTION": "fa3"}), cpu)  # FlashAttention-3 needs a CUDA GPU

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import torch
@@ -61,6 +62,33 @@ def compile_blocks(blocks: nn.ModuleList, **options: Any) -> int:
     return len(blocks)
 
 
+@torch.inference_mode()
+def warm_up(transformer: nn.Module, device: torch.device, reference_kv: bool = True) -> float:
+    """One guided forward on zeros, so a compiled transformer compiles now (cold start), not in the first job.
+
+    Returns the seconds it took (the compile time, for the start-up log and timings).
+    """
+    c = transformer.config
+    dtype = transformer.pos_embedding.dtype
+    frames = 4 * (c.latent_frames - 1) + 1
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, device=device, dtype=dtype)
+
+    started = time.perf_counter()
+    audio, face = transformer.encode_conditions(
+        zeros(2, frames, c.audio.window, c.audio.feature_layers, c.audio.feature_dim), zeros(2, c.face.embed_dim)
+    )
+    reference = [zeros(1, c.tokens_per_frame, c.hidden_size) for _ in range(c.num_layers)]
+    if reference_kv:  # what the jobs pass (ExactSpeedups.reference_kv_once), so they reuse this graph
+        reference = transformer.reference_kv(reference)
+    x = zeros(2, c.latent_frames, c.in_channels, c.latent_height, c.latent_width)
+    transformer(x, torch.full((2,), 999.0, device=device), zeros(2, c.text_length, c.text_dim), audio, face, reference)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
 def apply_speedups(
     speedups: ExactSpeedups, device: torch.device, *networks: nn.Module, compiled: nn.ModuleList | None = None
 ) -> dict[str, Any]:
@@ -79,4 +107,4 @@ def apply_speedups(
     return report
 
 
-__all__ = ["ExactSpeedups", "apply_speedups", "compile_blocks"]
+__all__ = ["ExactSpeedups", "apply_speedups", "compile_blocks", "warm_up"]

@@ -19,6 +19,7 @@ from hallo3_worker.settings import Settings
 if TYPE_CHECKING:
     import torch
 
+    from hallo3_worker.models.speedups import ExactSpeedups
     from hallo3_worker.pipeline import Placement
 
 logger = logging.getLogger(__name__)
@@ -156,12 +157,29 @@ def load_pipeline(settings: Settings) -> TalkingHeadPipeline:
         from hallo3_worker.tiny import build_tiny_pipeline
 
         logger.warning(TINY_MODEL_WARNING)
-        return build_tiny_pipeline(None, placement, limits=limits)
+        return build_tiny_pipeline(None, placement, limits=limits, speedups=speedups_for(settings, device))
     from hallo3_worker.pipeline_factory import build_pipeline_from_weights
     from hallo3_worker.weights import locate_weights
 
     location = locate_weights(settings.weights_dir)
-    return build_pipeline_from_weights(location, placement, limits=limits)
+    return build_pipeline_from_weights(location, placement, limits=limits, speedups=speedups_for(settings, device))
+
+
+def speedups_for(settings: Settings, device: torch.device) -> ExactSpeedups:
+    """The exact speed-ups the settings ask for (HALLO3_COMPILE, HALLO3_ATTENTION); the rest are always on.
+
+    Raises SettingsError when the attention backend asked for cannot run on ``device``.
+    """
+    from hallo3_worker.models.attention import choose_backend
+    from hallo3_worker.models.speedups import ExactSpeedups
+    from hallo3_worker.settings import SettingsError
+
+    try:
+        choose_backend(settings.attention, device)
+    except ValueError as err:
+        raise SettingsError(f"HALLO3_ATTENTION={settings.attention}: {err}") from None
+    compile_blocks = {"auto": None, "on": True, "off": False}[settings.compile]
+    return ExactSpeedups(compile_blocks=compile_blocks, attention=settings.attention)
 
 
 # ------------------------------------------------------------------------------------------ fitness
