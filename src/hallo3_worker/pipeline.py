@@ -75,7 +75,8 @@ from hallo3_worker.interface import (
     raise_if_cancelled,
 )
 from hallo3_worker.memory import device_peak_memory
-from hallo3_worker.models.loading import replace_tensors
+from hallo3_worker.models.block_streaming import BlockStreamer, stream_blocks
+from hallo3_worker.models.loading import pin_resting_copies, replace_tensors, to_device
 from hallo3_worker.models.memory_savers import chunk_feed_forward
 from hallo3_worker.models.reference_net import ReferenceNet
 from hallo3_worker.models.speedups import ExactSpeedups, apply_speedups
@@ -238,7 +239,8 @@ class JobConditions:
 
     @functools.cached_property
     def schedule(self) -> Schedule:
-        return Schedule.create(self.sampler)
+        """The sampler's tables, made and put on the compute device once per job."""
+        return Schedule.create(self.sampler).on(self.text.device)
 
 
 class Hallo3Pipeline:
@@ -263,6 +265,7 @@ class Hallo3Pipeline:
         self.components = components
         self.placement = placement
         self.speedups = speedups
+        self.block_streamer: BlockStreamer | None = None
         self.speedup_report: dict[str, object] = {}
         if components is not None:
             if placement.feed_forward_chunk is not None:
@@ -271,6 +274,14 @@ class Hallo3Pipeline:
                 speedups, placement.device, components.transformer, components.reference_net,
                 compiled=components.transformer.blocks,
             )
+            if placement.device.type == "cuda" and placement.offload_device.type == "cpu":
+                resting = [components.reference_net, components.text_encoder.model] if placement.offload else []
+                resting += [components.transformer] if placement.offload_transformer else []
+                pinned = sum(pin_resting_copies(module) for module in resting)
+                self.speedup_report["pinned_gib"] = round(pinned / 2**30, 2)
+            if placement.offload_transformer and placement.device != placement.offload_device:
+                # The blocks visit one at a time during each forward; the rest visits per segment.
+                self.block_streamer = stream_blocks(components.transformer.blocks, placement.device)
             self.presets = SpeedPresets(components.transformer, placement.device, placement.dtype,
                                         offloaded=placement.offload_transformer)
         self.is_tiny = is_tiny
@@ -279,6 +290,9 @@ class Hallo3Pipeline:
         self.limits = limits
         self.noise_factory = noise_factory
         self.assets_tmp: tempfile.TemporaryDirectory | None = None  # files the components read, if temporary
+        # Several ranks (hallo3_worker.parallel): its model_fn(transformer, conditions, reference)
+        # computes each segment's guided model function on every rank. None: this process alone.
+        self.parallel = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------- prepare
@@ -470,15 +484,20 @@ class Hallo3Pipeline:
         transformer, device = self.components.transformer, self.placement.device
         config = transformer.config
         shape = (1, config.latent_frames, config.out_channels, *self._latent_hw())
-        with self._visiting(transformer, self.placement.offload_transformer):
+        streamed = (transformer.blocks,) if self.block_streamer is not None else ()
+        with self._visiting(transformer, self.placement.offload_transformer, skip=streamed):
             if self.speedups.reference_kv_once and isinstance(shared.reference[0], torch.Tensor):
                 # Once per job: the tokens' keys and values replace the tokens (the same values every step).
                 shared.reference = transformer.reference_kv(shared.reference)
+            model_fn = (
+                self.parallel.model_fn(transformer, conditions, shared.reference) if self.parallel is not None
+                else self.presets.model_fn(transformer, conditions, shared.reference, shared.sampler.num_steps)
+            )
             return sample(
-                self.presets.model_fn(transformer, conditions, shared.reference, shared.sampler.num_steps),
-                noise.initial(segment, shape).to(device),
+                model_fn,
+                to_device(noise.initial(segment, shape), device),
                 shared.sampler,
-                lambda step, like: noise.step(segment, step, like).to(like.device),
+                lambda step, like: to_device(noise.step(segment, step, like), like.device),
                 on_step=on_step,
                 schedule=shared.schedule,
             )
@@ -505,11 +524,12 @@ class Hallo3Pipeline:
         return np.ascontiguousarray(resized.permute(0, 2, 3, 1).numpy())
 
     @contextlib.contextmanager
-    def _visiting(self, module: nn.Module, offloaded: bool | None = None) -> Iterator[None]:
+    def _visiting(self, module: nn.Module, offloaded: bool | None = None, skip: tuple[nn.Module, ...] = ()) -> Iterator[None]:
         """Run ``module`` on the compute device; its resting copy stays where it waits.
 
         ``offloaded``: whether ``module`` rests on the offload device (default: ``placement.offload``,
-        the rule for the once-per-job networks). The weights are copied to the device for the
+        the rule for the once-per-job networks). ``skip``: submodules that stay where they are
+        (streamed blocks, which visit on their own). The weights are copied to the device for the
         duration of the block (tied tensors once) and the copies are dropped afterwards, so nothing
         is copied back and the resting tensors are never reallocated.
         """
@@ -518,7 +538,7 @@ class Hallo3Pipeline:
         if not offloaded or p.device == p.offload_device:
             yield
             return
-        restore = replace_tensors(module, lambda t: t.to(p.device))
+        restore = replace_tensors(module, lambda t: to_device(t, p.device), skip)  # queued, not waited for
         try:
             yield
         finally:
