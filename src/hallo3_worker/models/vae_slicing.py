@@ -225,19 +225,19 @@ def _resnet(
     return hidden, new
 
 
-def _time_index(frames: int, compress_time: bool) -> list[int]:
-    """Source frame of each output frame of ``CogVideoXUpsample3D``'s nearest interpolation."""
+def _time_index(frames: int, compress_time: bool, device: torch.device) -> torch.Tensor:
+    """Source frame of each output frame of ``CogVideoXUpsample3D``'s nearest interpolation (made on ``device``)."""
     if not compress_time or frames == 1:
-        return list(range(frames))
+        return torch.arange(frames, device=device)
     if frames % 2 == 1:  # the first frame alone, the others doubled
-        return [0] + [1 + i // 2 for i in range(2 * (frames - 1))]
-    return [i // 2 for i in range(2 * frames)]
+        return torch.arange(2 * frames - 1, device=device).add_(1).div_(2, rounding_mode="floor")
+    return torch.arange(2 * frames, device=device).div_(2, rounding_mode="floor")
 
 
 def _upsample(up: CogVideoXUpsample3D, x: torch.Tensor, rows: int) -> torch.Tensor:
     """x (B, C, T, h, w) -> (B, C', T', 2h, 2w): nearest x2 (in time too with compress_time), a 3x3 Conv2d per frame."""
     b, c, t, h, w = x.shape
-    index = torch.tensor(_time_index(t, up.compress_time), device=x.device)
+    index = _time_index(t, up.compress_time, x.device)
     t2, height, width = len(index), 2 * h, 2 * w
     out = x.new_empty(b, up.conv.out_channels, t2, height, width)
     ph = up.conv.padding[0]
