@@ -82,7 +82,7 @@ def test_sliced_decode_matches_with_the_real_channel_counts() -> None:
 def test_the_cache_passes_between_the_sliced_and_the_plain_decoder() -> None:
     """The sliced decoder's cache drops only entries nothing reads; the plain decoder continues from it."""
     latents = _latents(1, 16, 5, 2, 3)  # (B, C, T, h, w), unscaled, as the decoder takes it
-    plain, sliced = _vae(), _vae(slicing=DecoderSlicing(rows=3))
+    plain, sliced = _vae(onednn=True), _vae(slicing=DecoderSlicing(rows=3), onednn=True)
     with torch.inference_mode():
         out_plain, cache_plain = plain.vae.decoder(latents[:, :, :3])
         out_sliced, cache_sliced = sliced.vae.decoder(latents[:, :, :3])
@@ -124,9 +124,9 @@ def test_attach_detach_and_the_plain_fallbacks() -> None:
 
 def test_sliced_decode_holds_less() -> None:
     """Real tensors at a small size: the peak of live activations drops by more than half."""
-    latents = _latents(1, 3, 16, 8, 12)  # 64x96 frames
-    plain, sliced = _vae(), _vae(slicing=DecoderSlicing(rows=16))
+    latents = _latents(1, 3, 16, 4, 6)  # 32x48 frames
+    plain, sliced = _vae(onednn=True), _vae(slicing=DecoderSlicing(rows=12), onednn=True)
     peaks = {}
     for name, vae in (("plain", plain), ("sliced", sliced)):
         peaks[name] = measure(lambda vae=vae: vae.decode_raw(latents), [vae.vae], [latents]).activations
-    assert peaks["sliced"] < 0.5 * peaks["plain"]
+    assert peaks["sliced"] < 0.5 * peaks["plain"]  # 9.4 MB against 26.8 MB when written
