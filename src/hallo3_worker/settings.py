@@ -169,7 +169,7 @@ class Settings:
         _require(self.gpus == "auto" or (self.gpus.isdigit() and int(self.gpus) >= 1),
                  f"HALLO3_GPUS must be 'auto' or a number of GPUs (1 or more), got {self.gpus!r}")
         _require(self.parallel == "auto" or re.fullmatch(r"[12]x[1-9][0-9]*", self.parallel) is not None,
-                 f"HALLO3_PARALLEL must be 'auto' or '<cfg>x<ulysses>' with cfg 1 or 2 (such as 2x4), got {self.parallel!r}")
+                 f"HALLO3_PARALLEL must be 'auto' or '<cfg>x<ulysses>', cfg 1 or 2 (2x4), got {self.parallel!r}")
         _require(self.collective_timeout_s > 0, "HALLO3_COLLECTIVE_TIMEOUT_S must be positive")
         _require(bool(self.presets) and set(self.presets) <= set(PRESET_CHOICES) and "exact" in self.presets,
                  f"HALLO3_PRESETS must name presets from {', '.join(PRESET_CHOICES)}, including exact")

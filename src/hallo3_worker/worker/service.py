@@ -358,6 +358,14 @@ def _torch_error_types(*names: str) -> tuple[type, ...]:
 def _failure_response(err: Exception, ref: str) -> dict[str, Any]:
     """Classify an unexpected exception; the traceback goes to the log only."""
     message = str(err)
+    parallel = sys.modules.get("hallo3_worker.parallel.denoise")  # loaded when several GPUs share the work
+    if parallel is not None and isinstance(err, parallel.ParallelFailure):
+        logger.error("Job %s: %s; asking for a fresh worker", ref, err)
+        return {
+            "error": f"The worker's GPU processes failed: {err}. The worker restarts; please retry.",
+            "error_code": ErrorCode.GPU_ERROR.value,
+            "refresh_worker": True,
+        }
     oom_types = _torch_error_types("cuda.OutOfMemoryError", "OutOfMemoryError")
     is_oom = isinstance(err, RuntimeError) and "CUDA out of memory" in message
     if is_oom or (oom_types and isinstance(err, oom_types)):
