@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from hallo3_worker.settings import load_settings
-from hallo3_worker.worker.ranks import start_ranks
+from hallo3_worker.worker.ranks import serving_settings, start_ranks
 from hallo3_worker.worker.service import Worker, create_worker
 
 logger = logging.getLogger("run_job")
@@ -43,7 +43,7 @@ def main() -> int:
     settings = load_settings()
     ranks = start_ranks(settings, args.ranks)
     try:
-        worker = create_worker(settings)
+        worker = create_worker(serving_settings(settings, ranks))
         if ranks is not None:
             ranks.attach(worker.pipeline)
         frames = _capture_frames(worker) if args.frames else None

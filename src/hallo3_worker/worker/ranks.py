@@ -25,7 +25,7 @@ from hallo3_worker.parallel.group import RankContext, host_store, init_rank, lea
 from hallo3_worker.parallel.launch import FollowerProcesses, exit_with_parent
 from hallo3_worker.parallel.layout import ParallelLayout, choose_layout
 from hallo3_worker.settings import Settings, SettingsError
-from hallo3_worker.worker.runtime import configure_logging, resolve_device, resolve_dtype
+from hallo3_worker.worker.runtime import configure_logging, resolve_device, resolve_dtype, speedups_for
 
 if TYPE_CHECKING:
     from hallo3_worker.models.transformer import Hallo3Transformer
@@ -128,6 +128,20 @@ class Ranks:
             leave()
 
 
+def serving_settings(settings: Settings, ranks: Ranks | None) -> Settings:
+    """The settings the worker serves with: on several ranks only the ``exact`` preset, for now.
+
+    The approximate presets' step cache and CFG truncation act on the serial model function, and
+    their fp8 layers would switch on in rank 0 only; their jobs are refused with the endpoint's
+    list of presets (``exact``) instead.
+    """
+    if ranks is None or tuple(settings.presets) == ("exact",):
+        return settings
+    logger.warning("with %d ranks only the exact preset is served; HALLO3_PRESETS=%s is narrowed to exact",
+                   ranks.layout.world_size, ",".join(settings.presets))
+    return dataclasses.replace(settings, presets=("exact",))
+
+
 def start_ranks(settings: Settings, requested: int | None = None) -> Ranks | None:
     """Start the other ranks when the settings (or ``requested``) ask for more than one; else None.
 
@@ -165,7 +179,7 @@ def follower_main(rank: int, spec: RankSpec) -> None:
     device = spec.device(rank)
     try:
         context = init_rank(rank, spec.layout, device, port=spec.port, timeout_s=spec.settings.collective_timeout_s)
-        transformer = follower_transformer(spec.settings, device)
+        transformer = follower_transformer(spec.settings, device, compiled=spec.layout.ulysses == 1)
         wait_for_all(context, "loaded")
         serve(context, transformer)
         leave()
@@ -175,9 +189,13 @@ def follower_main(rank: int, spec: RankSpec) -> None:
         raise SystemExit(1) from None
 
 
-def follower_transformer(settings: Settings, device: torch.device) -> Hallo3Transformer:
-    """The main transformer as rank 0's pipeline has it: same weights, same exact speed-ups."""
-    from hallo3_worker.models.speedups import ExactSpeedups, apply_speedups
+def follower_transformer(settings: Settings, device: torch.device, *, compiled: bool = True) -> Hallo3Transformer:
+    """The main transformer as rank 0's pipeline has it: same weights, same exact speed-ups.
+
+    ``compiled``: compile its blocks as the settings ask (the Ulysses path runs the blocks' pieces,
+    not the blocks, so it has nothing to compile).
+    """
+    from hallo3_worker.models.speedups import apply_speedups
     from hallo3_worker.pipeline import Placement
 
     dtype = resolve_dtype(settings, device)
@@ -191,8 +209,18 @@ def follower_transformer(settings: Settings, device: torch.device) -> Hallo3Tran
         location = hw.locate_weights(settings.weights_dir)
         networks = hw.load_networks(location, device=device, dtype=dtype, components=(hw.TRANSFORMER,), verify=False)
         transformer = networks.transformer
-    apply_speedups(ExactSpeedups(), device, transformer, compiled=transformer.blocks)
+    blocks = transformer.blocks if compiled else None
+    apply_speedups(speedups_for(settings, device), device, transformer, compiled=blocks)
     return transformer.eval()
 
 
-__all__ = ["RankSpec", "Ranks", "follower_main", "follower_transformer", "model_heads", "start_ranks", "world_size"]
+__all__ = [
+    "RankSpec",
+    "Ranks",
+    "follower_main",
+    "follower_transformer",
+    "model_heads",
+    "serving_settings",
+    "start_ranks",
+    "world_size",
+]
