@@ -8,24 +8,36 @@ reports seconds per forward, achieved TFLOP/s against upstream's 4.18e14 FLOP pe
 Without a CUDA device it runs the tiny golden-test model on the CPU and says so; those numbers
 only show that the script works.
 
-    python scripts/benchmark_denoiser.py [--device cuda] [--iters 5] [--output out/bench.json]
+With ``--ranks N`` it also starts N processes (one GPU each, NCCL; gloo processes on the CPU) and
+times the guided forward as the worker computes it on N ranks, for every layout of N (CFG degree
+x Ulysses degree), next to the serial forward. The report always lists, for 2, 4, 6 and 8 ranks,
+the bytes each layout moves between the ranks per step, computed from the shapes.
+
+    python scripts/benchmark_denoiser.py [--device cuda] [--iters 5] [--ranks 4] [--output out/bench.json]
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 
 from benchutil import benchmark_parser, device_and_dtype, emit_report, median_seconds, sync
 
 from hallo3_worker.models import presets
 from hallo3_worker.models.loading import build_on_meta, materialize_random
 from hallo3_worker.models.reference_net import ReferenceNet
-from hallo3_worker.models.transformer import Hallo3Transformer
+from hallo3_worker.models.transformer import Hallo3Transformer, TransformerConfig
+from hallo3_worker.parallel.denoise import ParallelDenoiser, serve
+from hallo3_worker.parallel.exchange import step_volume
+from hallo3_worker.parallel.group import free_port, init_rank, leave, make_context
+from hallo3_worker.parallel.layout import ParallelLayout
 
 logger = logging.getLogger("benchmark_denoiser")
 
@@ -93,6 +105,76 @@ def run(device: torch.device, dtype: torch.dtype, warmup: int, iters: int, profi
     return result
 
 
+def layouts_of(world: int, heads: int) -> list[ParallelLayout]:
+    """Every CFG x Ulysses split of ``world`` ranks whose Ulysses degree divides the heads."""
+    return [ParallelLayout(cfg, world // cfg) for cfg in (2, 1)
+            if world % cfg == 0 and heads % (world // cfg) == 0]
+
+
+def exchange_table(config: TransformerConfig, element_bytes: int) -> dict:
+    """MiB moved between ranks per step (and per segment) for each layout of 2, 4, 6 and 8 ranks."""
+    return {
+        str(layout): {key: round(value / 2**20, 1) for key, value in
+                      step_volume(config, layout.cfg, layout.ulysses, element_bytes).items()}
+        for world in (2, 4, 6, 8) for layout in layouts_of(world, config.num_heads)
+    }
+
+
+def _rank_main(rank: int, world: int, port: int, device_type: str, dtype_name: str, warmup: int, iters: int,
+               out: str) -> None:
+    """One rank of the --ranks benchmark: every layout of ``world``; rank 0 times the guided forward."""
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    dtype = getattr(torch, dtype_name)
+    full = device_type == "cuda"
+    config = presets.full_transformer() if full else presets.golden_tiny_transformer()
+    layouts = layouts_of(world, config.num_heads)
+    contexts = [init_rank(rank, layouts[0], device, port=port, timeout_s=600)]
+    contexts += [make_context(rank, layout, device, 600) for layout in layouts[1:]]
+    model = materialize_random(build_on_meta(lambda: Hallo3Transformer(config), dtype), device, seed=0)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+    from hallo3_worker.denoiser import SegmentConditions
+
+    c = config
+    conditions = SegmentConditions(randn(1, c.latent_frames, 16, c.latent_height, c.latent_width),
+                                   randn(1, c.text_length, c.text_dim),
+                                   randn(1, 4 * (c.latent_frames - 1) + 1, c.audio.window, c.audio.feature_layers,
+                                         c.audio.feature_dim),
+                                   randn(1, c.face.embed_dim))
+    with torch.no_grad():
+        reference = model.reference_kv([randn(1, c.tokens_per_frame, c.hidden_size) for _ in range(c.num_layers)])
+    x = torch.randn(2, c.latent_frames, 16, c.latent_height, c.latent_width, generator=g, device=device)
+    t = torch.full((2,), 500.0, device=device)
+    report = {}
+    with torch.inference_mode():
+        for layout, context in zip(layouts, contexts):
+            if rank != 0:
+                serve(context, model)
+                continue
+            denoiser = ParallelDenoiser(context, model)
+            model_fn = denoiser.model_fn(model, conditions, reference)
+            report[str(layout)] = {"layout": layout.describe(),
+                                   "forward_s": median_seconds(lambda: model_fn(x, t), device, warmup, iters)}
+            denoiser.stop()
+    if rank == 0:
+        Path(out).write_text(json.dumps(report))
+    leave()
+
+
+def run_ranks(world: int, device: torch.device, dtype: torch.dtype, warmup: int, iters: int) -> dict:
+    """Spawn ``world`` ranks and time the guided forward under each layout."""
+    if device.type == "cuda" and world > torch.cuda.device_count():
+        raise SystemExit(f"--ranks {world}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ranks.json"
+        mp.spawn(_rank_main, args=(world, free_port(), device.type, str(dtype).removeprefix("torch."), warmup, iters,
+                                   str(out)), nprocs=world, join=True)
+        return json.loads(out.read_text())
+
+
 def _profile(fn, device: torch.device, path: Path) -> None:
     """Write torch.profiler's table of the most expensive operators of one call of fn to path."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -110,9 +192,18 @@ def _profile(fn, device: torch.device, path: Path) -> None:
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--profile", type=Path, help="write a profiler table of one forward here")
+    parser.add_argument("--ranks", type=int, default=1, help="also time the guided forward on this many ranks")
     args = parser.parse_args()
     device, dtype = device_and_dtype(args, logger, "model")
     result = run(device, dtype, args.warmup, args.iters, args.profile)
+    config = presets.full_transformer()
+    result["exchange_mib_full_size_bf16"] = exchange_table(config, 2)
+    if args.ranks > 1:
+        per_layout = run_ranks(args.ranks, device, dtype, args.warmup, args.iters)
+        for entry in per_layout.values():
+            entry["speedup_vs_serial"] = round(result["forward_s"] / entry["forward_s"], 3)
+        result["ranks"] = {"count": args.ranks, "backend": "nccl" if device.type == "cuda" else "gloo",
+                           "layouts": per_layout}
     emit_report(result, args.output)
 
 

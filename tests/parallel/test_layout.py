@@ -87,3 +87,26 @@ def test_start_ranks_checks_before_starting_anything() -> None:
         start_ranks(Settings(device="cpu"), requested=3)  # the tiny model: Ulysses 3 of 2 heads
     with pytest.raises(SettingsError, match="HALLO3_PARALLEL=2x2 needs 4 ranks"):
         start_ranks(Settings(device="cpu", parallel="2x2"), requested=2)
+
+
+def test_benchmark_times_each_layout_of_two_ranks(tmp_path) -> None:
+    """scripts/benchmark_denoiser.py --ranks 2 on the CPU: the forward per layout and the exchange table."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    output = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "benchmark_denoiser.py"), "--device", "cpu", "--warmup", "0",
+         "--iters", "1", "--ranks", "2", "--output", str(output)],
+        capture_output=True, text=True, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert set(report["ranks"]["layouts"]) == {"2x1", "1x2"}
+    assert all(entry["forward_s"] > 0 for entry in report["ranks"]["layouts"].values())
+    assert report["exchange_mib_full_size_bf16"]["2x1"]["all_to_all_per_rank"] == 0
+    assert report["exchange_mib_full_size_bf16"]["2x4"]["all_to_all_per_rank"] > 1000

@@ -11,8 +11,13 @@ and of its own video tokens again. One ``all_to_all_single`` each way per block.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from hallo3_worker.models.transformer import TransformerConfig
 
 
 def token_splits(total: int, parts: int) -> list[int]:
@@ -86,4 +91,37 @@ def all_to_all_bytes_per_block(batch: int, text: int, video: int, hidden: int, p
     return int((out + back) * element_bytes)
 
 
-__all__ = ["all_to_all_bytes_per_block", "heads_from_tokens", "token_range", "token_splits", "tokens_from_heads"]
+def step_volume(
+    config: TransformerConfig, cfg: int, ulysses: int, element_bytes: int, reference_tokens: int = 1350
+) -> dict[str, int]:
+    """Bytes moved between ranks for one guided forward (one sampler step) under a layout, from the shapes.
+
+    ``all_to_all_per_rank``: what one rank sends in the Ulysses exchanges of all blocks;
+    ``broadcast``: the latent batch and timesteps rank 0 sends every rank (float32);
+    ``gather``: the v shares the other ranks send rank 0. Per segment add the conditions and the
+    reference keys/values (``segment_broadcast``), sent once.
+    """
+    video = config.latent_frames * config.tokens_per_frame
+    batch = 2 // cfg
+    world = cfg * ulysses
+    per_block = all_to_all_bytes_per_block(batch, config.text_length, video, config.hidden_size, ulysses, element_bytes)
+    latent = 2 * config.latent_frames * config.out_channels * config.latent_height * config.latent_width
+    head_dim = config.hidden_size // config.num_heads
+    reference = 2 * config.num_layers * config.num_heads * reference_tokens * head_dim  # k and v per block
+    return {
+        "all_to_all_per_rank": per_block * config.num_layers,
+        "all_to_all_total": per_block * config.num_layers * world,
+        "broadcast": (latent + 2) * 4 * (world - 1),
+        "gather": latent * element_bytes * (world - 1) // world,
+        "segment_broadcast": reference * element_bytes * (world - 1),
+    }
+
+
+__all__ = [
+    "all_to_all_bytes_per_block",
+    "heads_from_tokens",
+    "step_volume",
+    "token_range",
+    "token_splits",
+    "tokens_from_heads",
+]
