@@ -159,6 +159,25 @@ def test_a_failed_conversion_leaves_no_layer_half_converted() -> None:
     assert not any(type(m).__name__.startswith("Fp8Switched") for m in model.modules())
 
 
+def test_fp8_copies_that_cannot_be_made_fall_back_with_the_reason_and_are_not_retried(monkeypatch) -> None:
+    calls = []
+
+    def broken(linear):
+        calls.append(linear)
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(presets_module, "fp8_unavailable", lambda device, dtype: None)
+    speed_presets = presets_module.SpeedPresets(_transformer(layers=2), torch.device("cpu"), torch.float32,
+                                                make_twin=broken)
+    request = GenerationRequest(image_path=Path("face.jpg"), audio_path=Path("speech.wav"), prompt="", seed=0,
+                                preset=Preset.BALANCED)
+    for _ in range(2):
+        with speed_presets.job(request) as speed:
+            assert speed.warnings[0] == ("Preset 'balanced': fp8 linear layers fell back to the exact float32 "
+                                         "layers: making them failed (RuntimeError: no kernel).")
+    assert len(calls) == 1
+
+
 def test_the_8bit_attention_backend_is_refused_without_a_cuda_gpu() -> None:
     with pytest.raises(ValueError, match="sage"):
         choose_backend("sage", torch.device("cpu"))

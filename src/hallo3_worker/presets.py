@@ -128,7 +128,7 @@ class SpeedPresets:
         self.device, self.dtype, self.offloaded = device, dtype, offloaded
         self.cache = attach_step_cache(transformer.blocks)
         self.fp8 = Fp8Linears(transformer.blocks, make_twin)
-        self.fp8_reason: str | None = None  # set to force a fallback (tests); else found per job
+        self.fp8_failure: str | None = None  # why making the fp8 copies failed, once; not retried
         self.current: JobSpeed | None = None
 
     # ------------------------------------------------------------------------------ per job
@@ -152,7 +152,7 @@ class SpeedPresets:
         self.cache.end()
 
     def _fp8(self, speed: JobSpeed, stack: contextlib.ExitStack) -> None:
-        reason = self.fp8_reason or fp8_unavailable(self.device, self.dtype)
+        reason = self.fp8_failure or fp8_unavailable(self.device, self.dtype)
         if reason is None and self.offloaded:
             reason = "the transformer is offloaded between segments (HALLO3_OFFLOAD=full)"
         if reason is None:
@@ -161,7 +161,7 @@ class SpeedPresets:
                 return
             except Exception as err:  # a kernel library that fails to load or convert: fall back, say so
                 logger.exception("fp8 linear layers could not be made")
-                reason = f"making them failed ({type(err).__name__}: {err})"
+                reason = self.fp8_failure = f"making them failed ({type(err).__name__}: {err})"
         speed.warnings.append(
             f"Preset '{speed.plan.preset.value}': fp8 linear layers fell back to the exact "
             f"{str(self.dtype).removeprefix('torch.')} layers: {reason}."
