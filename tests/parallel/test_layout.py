@@ -110,3 +110,14 @@ def test_benchmark_times_each_layout_of_two_ranks(tmp_path) -> None:
     assert all(entry["forward_s"] > 0 for entry in report["ranks"]["layouts"].values())
     assert report["exchange_mib_full_size_bf16"]["2x1"]["all_to_all_per_rank"] == 0
     assert report["exchange_mib_full_size_bf16"]["2x4"]["all_to_all_per_rank"] > 1000
+
+
+def test_a_ulysses_split_refuses_streamed_blocks() -> None:
+    """HALLO3_OFFLOAD=full streams rank 0's blocks, which the Ulysses path does not call as blocks."""
+    from types import SimpleNamespace
+
+    from hallo3_worker.worker.ranks import Ranks
+
+    ranks = Ranks(SimpleNamespace(layout=ParallelLayout(2, 2)), followers=None, context=None)
+    with pytest.raises(SettingsError, match="HALLO3_OFFLOAD=full .* 2x2 split"):
+        ranks.attach(SimpleNamespace(block_streamer=object()))

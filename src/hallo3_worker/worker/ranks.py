@@ -105,7 +105,17 @@ class Ranks:
         return self.followers.failure()
 
     def attach(self, pipeline: Hallo3Pipeline) -> None:
-        """Let every rank compute ``pipeline``'s denoising; waits until every rank has loaded its transformer."""
+        """Let every rank compute ``pipeline``'s denoising; waits until every rank has loaded its transformer.
+
+        Raises SettingsError when rank 0's transformer streams its blocks (``HALLO3_OFFLOAD=full``)
+        under a Ulysses split, which runs the blocks' pieces rather than the blocks.
+        """
+        if self.layout.ulysses > 1 and getattr(pipeline, "block_streamer", None) is not None:
+            raise SettingsError(
+                f"HALLO3_OFFLOAD=full streams the transformer's blocks through the first GPU, which the "
+                f"{self.layout} split (Ulysses {self.layout.ulysses}) cannot run; use HALLO3_OFFLOAD=off or "
+                "partial (the other GPUs hold only the transformer) or HALLO3_PARALLEL=2x1"
+            )
         self.denoiser = ParallelDenoiser(self.context, pipeline.components.transformer, self.followers.failure)
         pipeline.parallel = self.denoiser
         wait_for_all(self.context, "loaded")
