@@ -3,7 +3,8 @@
 Each world is spawned once (gloo on the CPU) and runs every case under each of its layouts through
 the worker's own protocol (rank 0 drives, the others follow): CFG-only, Ulysses-only and both,
 uneven token splits that cross latent frames, plain and fused projections, reference tokens and
-reference keys/values, and upstream's golden fixtures.
+reference keys/values, and upstream's golden fixtures (one forward, the sampler's first x0 and the
+full 50-step trajectory, through 2 ranks).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hallo3_worker.parallel.group import free_port
 
 PARALLEL_TOL = 1e-5  # max abs difference relative to the serial output's max magnitude
 GOLDEN_TOL = 1e-4  # as tests/models/test_golden_denoiser.py
+TRAJECTORY_TOL = 1e-3  # likewise, for the full 50-step sampler trajectory
 
 
 def _spawn(world: int, layouts: list[str], cases: list[str], tmp_path: Path) -> dict[str, dict[str, float]]:
@@ -50,6 +52,7 @@ def test_golden_fixtures_through_two_ranks(two_ranks, layout: str) -> None:
     result = two_ranks[f"{layout}/golden"]
     assert result["vs_golden"] <= GOLDEN_TOL
     assert result["step0_vs_golden"] <= GOLDEN_TOL
+    assert result["trajectory_vs_golden"] <= TRAJECTORY_TOL
 
 
 @pytest.mark.parametrize("layout", ["2x2", "1x4"])

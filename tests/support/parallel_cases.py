@@ -27,7 +27,7 @@ from hallo3_worker.models.transformer import Hallo3Transformer, TransformerConfi
 from hallo3_worker.parallel.denoise import ParallelDenoiser, serve
 from hallo3_worker.parallel.group import init_rank, leave, make_context
 from hallo3_worker.parallel.layout import ParallelLayout
-from hallo3_worker.sampling import SamplerConfig, Schedule, guided_x0
+from hallo3_worker.sampling import SamplerConfig, Schedule, guided_x0, injected_noise, sample
 
 GOLDEN = Path(__file__).resolve().parents[1] / "goldens" / "denoiser"
 CPU = torch.device("cpu")
@@ -78,6 +78,15 @@ def _golden_case():
 CASES = {"small": lambda: _small_case(False), "small_fused_kv": lambda: _small_case(True), "golden": _golden_case}
 
 
+def _upstream_step_noise(tables: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The noise upstream added at steps 0..48 (every other draw of its seed-99 generator; the
+    serial golden test checks this rebuild against the fixture's checksums)."""
+    generator = torch.Generator().manual_seed(99)
+    shape = tuple(tables["x_T"].shape)
+    draws = [torch.randn(shape, generator=generator) for _ in range(int(tables["all_draws_count"].item()))]
+    return torch.stack(draws[::2])
+
+
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
@@ -119,5 +128,8 @@ def _drive(context, transformer, conditions, reference, x, t, name: str) -> dict
         schedule = Schedule.create(SamplerConfig())
         x0 = guided_x0(parallel, tables["x_T"], schedule.sqrt_alphas[0], schedule.timesteps[0], schedule, 3.5)
         result["step0_vs_golden"] = relative_error(x0, tables["denoised_step_0"])
+        final = sample(parallel, tables["x_T"], SamplerConfig(), injected_noise(_upstream_step_noise(tables)),
+                       schedule=schedule)
+        result["trajectory_vs_golden"] = relative_error(final, tables["final"])
     denoiser.stop()
     return result

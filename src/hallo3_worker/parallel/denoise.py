@@ -37,6 +37,7 @@ from hallo3_worker.denoiser import SegmentConditions
 from hallo3_worker.models.transformer import Hallo3Transformer, unpatchify
 from hallo3_worker.parallel.exchange import token_splits
 from hallo3_worker.parallel.group import RankContext
+from hallo3_worker.parallel.layout import ParallelLayout
 from hallo3_worker.parallel.sharded import ShardedTransformer
 from hallo3_worker.sampling import ModelFn
 
@@ -183,7 +184,7 @@ class ParallelDenoiser:
         self.broken: str | None = None
 
     @property
-    def layout(self):
+    def layout(self) -> ParallelLayout:
         return self.context.layout
 
     def model_fn(
@@ -202,6 +203,9 @@ class ParallelDenoiser:
         self._guarded(lambda: (_send(self.context, header), self.rank_model.receive_segment(header, tensors)))
 
         def model_fn(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] != 2 * c.concat.shape[0]:
+                raise ValueError(f"expected the guided batch [uncond; cond] of {2 * c.concat.shape[0]}, "
+                                 f"got {x.shape[0]}")
             return self._guarded(lambda: self._forward(x, timesteps))
 
         return model_fn
