@@ -185,6 +185,8 @@ def start_ranks(settings: Settings, requested: int | None = None) -> Ranks | Non
 def follower_main(rank: int, spec: RankSpec) -> None:
     """Entry point of ranks 1..N-1: join, load the transformer, follow rank 0 until ``stop``."""
     configure_logging(spec.settings)
+    for handler in logging.getLogger("hallo3_worker").handlers:  # this rank's lines carry its number
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s"))
     exit_with_parent()
     device = spec.device(rank)
     try:
