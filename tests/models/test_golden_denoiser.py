@@ -4,7 +4,7 @@ The fixtures in tests/goldens/denoiser/ were produced by running upstream's clas
 README there for commit, config, seeds and run-time patches). Here the upstream-format state
 dict goes through our key mapping into our networks, and every output is compared in fp32, once
 with the networks as written and once with the worker's exact speed-ups attached (fused
-projections, the reference tokens' keys and values made once).
+projections, the reference tokens' keys and values made once, the blocks compiled).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from hallo3_worker.models import presets
 from hallo3_worker.models.layers import fuse_projections
 from hallo3_worker.models.loading import build_on_meta, load_converted
 from hallo3_worker.models.reference_net import ReferenceNet
+from hallo3_worker.models.speedups import compile_blocks
 from hallo3_worker.models.transformer import Hallo3Transformer
 from hallo3_worker.sampling import SamplerConfig, Schedule, guided_x0, injected_noise, sample
 
@@ -53,6 +54,7 @@ def networks(golden, request) -> tuple[Hallo3Transformer, ReferenceNet]:
     if request.param == "exact_speedups":
         assert fuse_projections(main) == 3 * main.config.num_layers
         assert fuse_projections(ref) == ref.config.num_layers - 1  # the last block keeps no attention
+        compile_blocks(main.blocks)  # inductor on the CPU; the worker compiles on CUDA
     return main, ref
 
 
