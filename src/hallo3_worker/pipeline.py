@@ -61,7 +61,7 @@ from hallo3_worker.conditioning.decode import InputLimits, decode_inputs
 from hallo3_worker.conditioning.face import FaceAnalysisResult
 from hallo3_worker.conditioning.image import CANVAS_SIZE, ProcessedImage, crop_output_frames, preprocess_image
 from hallo3_worker.conditioning.text import T5TextEncoder
-from hallo3_worker.denoiser import SegmentConditions
+from hallo3_worker.denoiser import SegmentConditions, guidance_model_fn
 from hallo3_worker.interface import (
     FrameSink,
     Framing,
@@ -489,10 +489,8 @@ class Hallo3Pipeline:
             if self.speedups.reference_kv_once and isinstance(shared.reference[0], torch.Tensor):
                 # Once per job: the tokens' keys and values replace the tokens (the same values every step).
                 shared.reference = transformer.reference_kv(shared.reference)
-            model_fn = (
-                self.parallel.model_fn(transformer, conditions, shared.reference) if self.parallel is not None
-                else self.presets.model_fn(transformer, conditions, shared.reference, shared.sampler.num_steps)
-            )
+            guided = self.parallel.model_fn if self.parallel is not None else guidance_model_fn
+            model_fn = self.presets.model_fn(transformer, conditions, shared.reference, shared.sampler.num_steps, guided)
             return sample(
                 model_fn,
                 to_device(noise.initial(segment, shape), device),

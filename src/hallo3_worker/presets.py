@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -193,11 +193,16 @@ class SpeedPresets:
         conditions: SegmentConditions,
         reference: list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]],
         num_steps: int,
+        guided_factory: Callable[..., ModelFn] = guidance_model_fn,
     ) -> ModelFn:
-        """The sampler's model_fn for one segment of the current job (exact outside a job)."""
+        """The sampler's model_fn for one segment of the current job (exact outside a job).
+
+        ``guided_factory(transformer, conditions, reference)`` makes the guided model function
+        (several ranks pass theirs; the counts are kept here either way).
+        """
         speed = self.current or JobSpeed(PresetPlan())
         plan = speed.plan
-        guided = guidance_model_fn(transformer, conditions, reference)
+        guided = guided_factory(transformer, conditions, reference)
         cfg_steps = plan.cfg_steps(num_steps)
         conditional = conditional_model_fn(transformer, conditions, reference) if cfg_steps < num_steps else None
         cache = self.cache

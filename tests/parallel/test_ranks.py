@@ -65,12 +65,14 @@ def test_pipeline_on_ranks_gives_the_serial_frames(pipeline_job, ranks: int, mon
     started = start_ranks(Settings(), ranks)
     try:
         started.attach(pipeline)
-        parallel = pipeline.generate(job).frames
+        result = pipeline.generate(job)
+        parallel = result.frames
     finally:
         started.close()
         pipeline.parallel = None
     level, share = _frames_close(serial, parallel)
     assert level <= MAX_LEVEL_DIFF and share <= MAX_DIFF_SHARE, (level, share)
+    assert result.denoiser_forwards == job.request.steps  # one segment; counted on several ranks too
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
                    for pid in started.followers.pids)
 
