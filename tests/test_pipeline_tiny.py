@@ -14,7 +14,7 @@ import PIL.Image
 import pytest
 import soundfile as sf
 import torch
-from media_files import write_multichannel
+from media_files import write_multichannel, write_speech
 from PIL import Image
 
 from hallo3_worker.conditioning.decode import decode_audio
@@ -35,21 +35,13 @@ def pipeline():
 @pytest.fixture(scope="module")
 def speech_2_5s(tmp_path_factory) -> Path:
     """Exactly 2.5 s of speech at 16 kHz (the 2.33 s asset followed by its own beginning)."""
-    speech, rate = sf.read(ASSETS / "speech.wav", dtype="float32")
-    target = int(2.5 * rate)
-    clip = np.concatenate([speech, speech])[:target]
-    path = tmp_path_factory.mktemp("audio") / "speech_2_5s.wav"
-    sf.write(path, clip, rate)
-    return path
+    return write_speech(tmp_path_factory.mktemp("audio") / "speech_2_5s.wav", 2.5)
 
 
 @pytest.fixture(scope="module")
 def speech_1s(tmp_path_factory) -> Path:
     """The first second of the speech asset: one segment."""
-    speech, rate = sf.read(ASSETS / "speech.wav", dtype="float32")
-    path = tmp_path_factory.mktemp("audio") / "speech_1s.wav"
-    sf.write(path, speech[:rate], rate)
-    return path
+    return write_speech(tmp_path_factory.mktemp("audio") / "speech_1s.wav", 1.0)
 
 
 def _request(image: Path, audio: Path, work_dir: Path, **kw) -> GenerationRequest:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
+from media_files import write_speech
 
 from hallo3_worker import presets as presets_module
 from hallo3_worker.interface import GenerationRequest, Preset
@@ -200,10 +200,7 @@ def pipeline():
 
 @pytest.fixture(scope="module")
 def speech_1s(tmp_path_factory) -> Path:
-    speech, rate = sf.read(ASSETS / "speech.wav", dtype="float32")
-    path = tmp_path_factory.mktemp("audio") / "speech_1s.wav"
-    sf.write(path, speech[:rate], rate)
-    return path
+    return write_speech(tmp_path_factory.mktemp("audio") / "speech_1s.wav", 1.0)
 
 
 def _generate(pipeline, audio: Path, **kw):

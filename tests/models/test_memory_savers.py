@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from transformer_inputs import guided_inputs
+
 from hallo3_worker.memory import measure
 from hallo3_worker.models import presets
 from hallo3_worker.models.loading import build_on_meta, materialize_random
@@ -16,16 +18,7 @@ def _transformer() -> Hallo3Transformer:
 
 
 def _inputs(c, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    frames = 4 * (c.latent_frames - 1) + 1
-    return (
-        torch.randn(2, c.latent_frames, c.in_channels, c.latent_height, c.latent_width, generator=g),
-        torch.tensor([999.0, 250.0]),
-        torch.randn(2, c.text_length, c.text_dim, generator=g),
-        torch.randn(2, frames, c.audio.window, c.audio.feature_layers, c.audio.feature_dim, generator=g),
-        torch.randn(2, c.face.embed_dim, generator=g),
-        [torch.randn(1, 7, c.hidden_size, generator=g) for _ in range(c.num_layers)],
-    )
+    return guided_inputs(c, seed, reference_tokens=7)
 
 
 def test_chunked_feed_forward_matches_the_plain_network() -> None:

@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 
+from transformer_inputs import guided_inputs
+
 from hallo3_worker.models import attention, presets
 from hallo3_worker.models.layers import fuse_projections
 from hallo3_worker.models.loading import build_on_meta, materialize_random
@@ -27,16 +29,7 @@ def plain() -> Hallo3Transformer:
 
 
 def _inputs(c, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    frames = 4 * (c.latent_frames - 1) + 1
-    return (
-        torch.randn(2, c.latent_frames, c.in_channels, c.latent_height, c.latent_width, generator=g),
-        torch.tensor([999.0, 250.0]),
-        torch.randn(2, c.text_length, c.text_dim, generator=g),
-        torch.randn(2, frames, c.audio.window, c.audio.feature_layers, c.audio.feature_dim, generator=g),
-        torch.randn(2, c.face.embed_dim, generator=g),
-        [torch.randn(1, c.tokens_per_frame, c.hidden_size, generator=g) for _ in range(c.num_layers)],
-    )
+    return guided_inputs(c, seed)
 
 
 @torch.inference_mode()

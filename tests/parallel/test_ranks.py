@@ -22,7 +22,8 @@ import av
 import numpy as np
 import psutil
 import pytest
-import soundfile as sf
+
+from media_files import write_speech
 
 from hallo3_worker.interface import GenerationRequest
 from hallo3_worker.settings import Settings
@@ -43,10 +44,7 @@ def _frames_close(serial: np.ndarray, parallel: np.ndarray) -> tuple[int, float]
 
 @pytest.fixture(scope="module")
 def speech_1s(tmp_path_factory) -> Path:
-    speech, rate = sf.read(ASSETS / "speech.wav", dtype="float32")
-    path = tmp_path_factory.mktemp("audio") / "speech_1s.wav"
-    sf.write(path, speech[:rate], rate)
-    return path
+    return write_speech(tmp_path_factory.mktemp("audio") / "speech_1s.wav", 1.0)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,13 @@ def speech_clip(seconds: float, rate: int) -> np.ndarray:
     return librosa.resample(speech, orig_sr=speech_rate, target_sr=rate).astype(np.float32)
 
 
+def write_speech(path: Path, seconds: float) -> Path:
+    """The first ``seconds`` of the speech asset (repeated as needed), at its own rate, as a WAV at ``path``."""
+    rate = sf.info(ASSETS / "speech.wav").samplerate
+    sf.write(path, speech_clip(seconds, rate), rate)
+    return path
+
+
 def write_multichannel(path: Path, channels: int, seconds: float = 0.6, rate: int = 16_000, *, layout: str | None = None,
                        codec: str | None = None, subtype: str = "PCM_16") -> Path:
     """Speech in every channel at falling gains: a WAV/FLAC through libsndfile (no channel layout stored
