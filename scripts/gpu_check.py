@@ -9,6 +9,8 @@ speed and memory do not depend on weight values):
   ``off``): per-stage seconds, VAE decode seconds per segment, seconds per sampler step;
 * ``policies``: the measured peak GPU memory of a 1-segment job under ``off``, ``partial`` and
   ``full``, beside the estimate of hallo3_worker.fitness;
+* ``presets``: a 1-segment job per speed preset (``exact``, ``balanced``, ``fast`` with the
+  endpoint defaults): seconds, transformer forwards and what fell back;
 * ``cold_start``: seconds to load the main transformer from safetensors on local disk to the GPU.
 
 ``--dry-run`` does all of it at tiny size on the CPU (minutes; the numbers are meaningless, every
@@ -40,13 +42,14 @@ from hallo3_worker.conditioning.image import CANVAS_SIZE
 from hallo3_worker.conditioning.text import T5TextEncoder
 from hallo3_worker.conditioning.audio import Wav2VecEncoder
 from hallo3_worker.conditioning.tiny_assets import build_tiny_t5
-from hallo3_worker.interface import GenerationRequest
+from hallo3_worker.interface import GenerationRequest, Preset
 from hallo3_worker.models import presets
 from hallo3_worker.models.loading import build_on_meta, load_converted, materialize_random
 from hallo3_worker.models.reference_net import ReferenceNet
 from hallo3_worker.models.transformer import Hallo3Transformer
 from hallo3_worker.models.vae import COGVIDEOX_5B_VAE, Hallo3VAE, build_vae
 from hallo3_worker.pipeline import Hallo3Components, Hallo3Pipeline, Placement
+from hallo3_worker.settings import Settings
 from hallo3_worker.tiny import TinyFaceAnalyzer, build_tiny_pipeline
 
 logger = logging.getLogger("gpu_check")
@@ -119,11 +122,11 @@ def job_inputs(folder: Path, segments: int) -> tuple[Path, Path]:
     return image_path, audio_path
 
 
-def run_job(pipeline: Hallo3Pipeline, folder: Path, segments: int, steps: int) -> dict:
-    """One job; per-stage seconds, VAE decode seconds per segment, peak memory."""
+def run_job(pipeline: Hallo3Pipeline, folder: Path, segments: int, steps: int, **preset) -> dict:
+    """One job; per-stage seconds, VAE decode seconds per segment, peak memory, what the denoiser ran."""
     image, audio = job_inputs(folder, segments)
     request = GenerationRequest(image_path=image, audio_path=audio, prompt="a person talking", seed=7, steps=steps,
-                                separate_vocals=False, work_dir=folder)
+                                separate_vocals=False, work_dir=folder, **preset)
     decode_times: list[float] = []
     decode = pipeline.decode_segment
 
@@ -136,9 +139,12 @@ def run_job(pipeline: Hallo3Pipeline, folder: Path, segments: int, steps: int) -
         return out
 
     pipeline.decode_segment = timed_decode
-    started = time.perf_counter()
-    result = pipeline.generate(pipeline.prepare(request))
-    total = time.perf_counter() - started
+    try:
+        started = time.perf_counter()
+        result = pipeline.generate(pipeline.prepare(request))
+        total = time.perf_counter() - started
+    finally:
+        del pipeline.decode_segment  # back to the class's method
     segment_s = [result.timings[f"segment_{i}"] for i in range(segments)]
     return {
         "segments": segments,
@@ -149,7 +155,21 @@ def run_job(pipeline: Hallo3Pipeline, folder: Path, segments: int, steps: int) -
         "vae_decode_s_per_segment": decode_times,
         "step_s": round((sum(segment_s) - sum(decode_times)) / (segments * steps), 4),
         "peak_memory_gib": None if result.peak_memory_bytes is None else round(result.peak_memory_bytes / 2**30, 2),
+        "denoiser_forwards": result.denoiser_forwards,
+        "warnings": list(result.warnings),
     }
+
+
+def run_presets(pipeline: Hallo3Pipeline, folder: Path, steps: int) -> dict:
+    """A 1-segment job per preset (the endpoint defaults of ``fast``): seconds, forwards, what fell back."""
+    knobs = {Preset.EXACT: {}, Preset.BALANCED: {},
+             Preset.FAST: {"cache_threshold": Settings().fast_cache_threshold, "cfg_fraction": Settings().fast_cfg_fraction}}
+    report = {}
+    for preset, extra in knobs.items():
+        job = run_job(pipeline, folder, segments=1, steps=steps, preset=preset, **extra)
+        report[preset.value] = {key: job[key] for key in ("total_s", "step_s", "denoiser_forwards", "peak_memory_gib",
+                                                          "warnings")}
+    return report
 
 
 def cold_start(device: torch.device, dtype: torch.dtype, dry_run: bool, folder: Path) -> dict:
@@ -178,6 +198,12 @@ def markdown(report: dict) -> str:
              f"{job['step_s']} s per sampler step; VAE decode per segment {job['vae_decode_s_per_segment']} s.", "",
              "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {name} | {seconds} |" for name, seconds in job["stages_s"].items()]
+    lines += ["", "| preset (1 segment) | seconds | s / step | transformer forwards | peak GiB | fell back |",
+              "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for name, entry in report["presets"].items():
+        fell_back = "; ".join(entry["warnings"]) or "nothing"
+        lines.append(f"| {name} | {entry['total_s']} | {entry['step_s']} | {entry['denoiser_forwards']} | "
+                     f"{entry['peak_memory_gib'] if entry['peak_memory_gib'] is not None else 'n/a'} | {fell_back} |")
     lines += ["", "| offload policy | measured peak GiB | estimated GiB |", "| --- | ---: | ---: |"]
     for policy in POLICIES:
         entry = report["policies"][policy]
@@ -212,6 +238,7 @@ def main() -> int:
         pipeline = build("off", device, dtype, args.dry_run, folder)
         report["job"] = run_job(pipeline, folder, segments=2, steps=args.steps)
         report["speedups_attached"] = pipeline.speedup_report
+        report["presets"] = run_presets(pipeline, folder, steps=min(args.steps, 10))
         report["policies"] = {}
         for policy in POLICIES:  # from most to least resident, moving the same networks
             pipeline = rebuild(pipeline, policy)

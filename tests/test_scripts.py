@@ -43,7 +43,11 @@ def test_gpu_check_dry_run_writes_every_field(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(report) == {"device", "torch", "model", "dtype", "speed_items", "cold_start", "job",
-                           "speedups_attached", "policies", "wall_s"}
+                           "speedups_attached", "presets", "policies", "wall_s"}
+    presets = report["presets"]
+    assert list(presets) == ["exact", "balanced", "fast"] and presets["exact"]["denoiser_forwards"] == 2
+    assert presets["fast"]["denoiser_forwards"] <= presets["exact"]["denoiser_forwards"]
+    assert any("fell back" in warning for warning in presets["balanced"]["warnings"])  # no fp8 kernels on the CPU
     items = [row["item"] for row in report["speed_items"]["rows"]]
     assert items == ["plain", "reference_kv_once", "attention", "fused_projections", "compile_blocks", "all"]
     assert all(row["forward_s"] > 0 and row["speedup"] > 0 for row in report["speed_items"]["rows"])
