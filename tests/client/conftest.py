@@ -7,7 +7,6 @@ installed package. Everything network-facing binds to 127.0.0.1 and is stopped b
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ for _path in (CLIENT_SRC, REPO_ROOT / "tests" / "worker"):  # the client; the wo
         sys.path.insert(0, str(_path))
 
 from client_support import FakeRunpodApi, WorkerApi  # noqa: E402
-from worker_support import PROXY_VARS, free_port, stop_process, voice_like, wait_for_port, wav_bytes  # noqa: E402
+from worker_support import PROXY_VARS, free_port, serve_worker_api, voice_like, wait_for_port, wav_bytes  # noqa: E402
 
 _CLIENT_ENV = ("RUNPOD_API_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION")
@@ -69,26 +68,9 @@ def worker_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerApi]:
     It may fetch from loopback URLs (``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS``): the S3 test's
     presigned URLs point at moto on 127.0.0.1.
     """
-    tmp = tmp_path_factory.mktemp("worker-api")
-    log = tmp / "server.log"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in PROXY_VARS and not k.startswith(("BUCKET_", "RUNPOD_", "HALLO3_", "AWS_"))}
-    env.update({"HALLO3_WORK_DIR": str(tmp / "work"), "HALLO3_VIDEO_PRESET": "ultrafast",
-                "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true", "NO_PROXY": "127.0.0.1",
-                "UVICORN_LOG_LEVEL": "warning"})
-    command = [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-               "--rp_api_port", str(port)]
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        try:
-            wait_for_port(port, 90, proc)
-        except (TimeoutError, RuntimeError):
-            pytest.fail("the worker's API server did not start:\n" + log.read_text(errors="replace")[-3000:])
-        yield WorkerApi(f"http://127.0.0.1:{port}", log)
-    finally:
-        stop_process(proc)
+    with serve_worker_api(tmp_path_factory.mktemp("worker-api"), RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS="true") as served:
+        base, _, log = served
+        yield WorkerApi(base, log)
 
 
 @pytest.fixture

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +11,7 @@ from typing import Any
 
 import pytest
 import requests
-from worker_support import PROXY_VARS, REPO_ROOT, free_port, probe_mp4, stop_process, wait_for_port
+from worker_support import REPO_ROOT, probe_mp4, serve_worker_api
 
 NO_PROXY = {"http": "", "https": ""}
 
@@ -25,32 +21,9 @@ def test_job() -> dict[str, Any]:
     return json.loads((REPO_ROOT / "test_input.json").read_text(encoding="utf-8"))
 
 
-@contextlib.contextmanager
-def _serve(tmp: Path, **extra_env: str) -> Iterator[tuple[str, Path, Path]]:
-    """The worker's local API on 127.0.0.1:<free port>; yields (base URL, work dir, log file)."""
-    work_dir, log = tmp / "work", tmp / "server.log"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in PROXY_VARS and not k.startswith(("BUCKET_", "RUNPOD_", "HALLO3_"))}
-    env.update({"HALLO3_WORK_DIR": str(work_dir), "HALLO3_VIDEO_PRESET": "ultrafast", "NO_PROXY": "127.0.0.1",
-                "UVICORN_LOG_LEVEL": "warning", **extra_env})
-    command = [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-               "--rp_api_port", str(port)]
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        try:
-            wait_for_port(port, 60, proc)
-        except (TimeoutError, RuntimeError):
-            pytest.fail("the API server did not start:\n" + log.read_text(errors="replace")[-3000:])
-        yield f"http://127.0.0.1:{port}", work_dir, log
-    finally:
-        stop_process(proc)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
-    with _serve(tmp_path_factory.mktemp("serve")) as served:
+    with serve_worker_api(tmp_path_factory.mktemp("serve")) as served:
         yield served
 
 
@@ -105,7 +78,7 @@ def test_finished_segments_reach_the_bucket_before_the_job_ends(tmp_path: Path, 
 
     env = {"BUCKET_ENDPOINT_URL": moto_endpoint, "BUCKET_ACCESS_KEY_ID": "moto-access",
            "BUCKET_SECRET_ACCESS_KEY": "moto-secret", "BUCKET_NAME": bucket}
-    with _serve(tmp_path, **env) as (base, _, log):
+    with serve_worker_api(tmp_path, **env) as (base, _, log):
         job = {"image": b64(face_jpg), "audio": b64(wav_bytes(voice_like(2.5))), "seed": 5, "steps": 2}  # 2 segments
         queued = requests.post(f"{base}/run", json={"input": job}, timeout=30, proxies=NO_PROXY).json()
         body = requests.post(f"{base}/status/{queued['id']}", timeout=300, proxies=NO_PROXY).json()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -103,3 +105,31 @@ def stop_process(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serve_worker_api(tmp: Path, **extra_env: str):
+    """``handler.py --rp_serve_api`` (tiny model) on 127.0.0.1:<free port>; yields (base URL, work dir, log file).
+
+    The server sees none of the machine's proxy, bucket, Runpod, Hallo3 or AWS settings, only ``extra_env``.
+    """
+    import pytest
+
+    work_dir, log = tmp / "work", tmp / "server.log"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in PROXY_VARS and not k.startswith(("BUCKET_", "RUNPOD_", "HALLO3_", "AWS_"))}
+    env.update({"HALLO3_WORK_DIR": str(work_dir), "HALLO3_VIDEO_PRESET": "ultrafast", "NO_PROXY": "127.0.0.1",
+                "UVICORN_LOG_LEVEL": "warning", **extra_env})
+    command = [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
+               "--rp_api_port", str(port)]
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_for_port(port, 90, proc)
+        except (TimeoutError, RuntimeError):
+            pytest.fail("the worker's API server did not start:\n" + log.read_text(errors="replace")[-3000:])
+        yield f"http://127.0.0.1:{port}", work_dir, log
+    finally:
+        stop_process(proc)
