@@ -231,7 +231,8 @@ def main() -> int:
                     "model": "tiny, CPU dry run (numbers meaningless)" if args.dry_run else "full size, random weights",
                     "dtype": str(dtype).removeprefix("torch.")}
     report["speed_items"] = bench_speedups.run(device, dtype, warmup=1, iters=3)
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the speed items' transformer is gone before the job's networks are made
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         folder = Path(tmp)
         report["cold_start"] = cold_start(device, dtype, args.dry_run, folder)
