@@ -13,6 +13,7 @@ import copy
 import json
 from pathlib import Path
 
+import golden_recipes
 import torch
 from safetensors.torch import load_file
 
@@ -64,11 +65,11 @@ def _small_case(fused: bool):
 
 
 def _golden_case():
-    upstream = load_file(GOLDEN / "state_dict.safetensors")
+    upstream = golden_recipes.upstream_state_dict("denoiser")
     transformer = build_on_meta(lambda: Hallo3Transformer(presets.golden_tiny_transformer()))
     rules = ck.transformer_key_rules(transformer.config)
     load_converted(transformer, ck.convert_state_dict(upstream, ck.MAIN_PREFIX, rules, transformer))
-    inputs = load_file(GOLDEN / "inputs.safetensors")
+    inputs = golden_recipes.denoiser_inputs()
     outputs = load_file(GOLDEN / "outputs.safetensors")
     conditions = SegmentConditions(inputs["concat"], inputs["context"], inputs["audio"], inputs["face"])
     reference = [outputs[f"ref_bank.{i}"] for i in range(transformer.config.num_layers)]
@@ -76,15 +77,6 @@ def _golden_case():
 
 
 CASES = {"small": lambda: _small_case(False), "small_fused_kv": lambda: _small_case(True), "golden": _golden_case}
-
-
-def _upstream_step_noise(tables: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The noise upstream added at steps 0..48 (every other draw of its seed-99 generator; the
-    serial golden test checks this rebuild against the fixture's checksums)."""
-    generator = torch.Generator().manual_seed(99)
-    shape = tuple(tables["x_T"].shape)
-    draws = [torch.randn(shape, generator=generator) for _ in range(int(tables["all_draws_count"].item()))]
-    return torch.stack(draws[::2])
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -123,12 +115,12 @@ def _drive(context, transformer, conditions, reference, x, t, name: str) -> dict
               "halves_differ": relative_error(v_serial[0], v_serial[1])}
     if name == "golden":
         outputs = load_file(GOLDEN / "outputs.safetensors")
-        tables = load_file(GOLDEN / "sampler.safetensors")
+        tables = golden_recipes.denoiser_sampler()
         result["vs_golden"] = relative_error(v_parallel, outputs["dit_out"])
         schedule = Schedule.create(SamplerConfig())
         x0 = guided_x0(parallel, tables["x_T"], schedule.sqrt_alphas[0], schedule.timesteps[0], schedule, 3.5)
         result["step0_vs_golden"] = relative_error(x0, tables["denoised_step_0"])
-        final = sample(parallel, tables["x_T"], SamplerConfig(), injected_noise(_upstream_step_noise(tables)),
+        final = sample(parallel, tables["x_T"], SamplerConfig(), injected_noise(golden_recipes.upstream_step_noise(tables)),
                        schedule=schedule)
         result["trajectory_vs_golden"] = relative_error(final, tables["final"])
     denoiser.stop()
