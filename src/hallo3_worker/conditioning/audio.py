@@ -31,9 +31,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-import librosa
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -41,6 +39,11 @@ from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 from hallo3_worker.conditioning.decode import decode_audio, swr_convert
 from hallo3_worker.errors import ErrorCode, InputError
 from hallo3_worker.interface import DecodedAudio
+from hallo3_worker.lazy import lazy_module
+
+# Loaded on first use: a job that hands over 16 kHz speech without separation needs neither.
+librosa = lazy_module("librosa")
+sf = lazy_module("soundfile")
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +280,8 @@ def _check_attn_implementation(attn_implementation: str) -> None:
 class Wav2VecEncoder:
     """wav2vec2 feature extraction as Hallo3 runs it (all layers, 25 Hz, padded to whole clips).
 
-    Uses transformers' ``Wav2Vec2Model`` submodules directly: ``feature_extractor`` (CNN),
-    ``feature_projection`` and ``encoder``. The attention kernel is an explicit choice
+    Runs transformers' ``Wav2Vec2Model`` with its CNN (``feature_extractor``) output resampled to
+    the video frame rate. The attention kernel is an explicit choice
     (``"sdpa"`` or ``"eager"``); the two agree to float rounding.
     """
 
@@ -357,6 +360,10 @@ class Wav2VecEncoder:
     def hidden_states(self, input_values: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Run wav2vec2 with its CNN features resampled to ``num_frames`` frames.
 
+        The model's own forward runs (so every transformers release collects the hidden states
+        its way); a forward hook on its CNN replaces the ~50 Hz features with their linear
+        interpolation to ``num_frames``, as upstream's wav2vec2 subclass does.
+
         Args:
             input_values: (1, n) normalised waveform on any device.
             num_frames: frames to interpolate the ~50 Hz CNN output to.
@@ -364,14 +371,20 @@ class Wav2VecEncoder:
             (num_frames, layers, hidden) on the model's device and dtype: the outputs of every
             transformer layer (the pre-layer embedding is dropped).
         """
+
+        def to_video_rate(module: torch.nn.Module, args: tuple, cnn: torch.Tensor) -> torch.Tensor:
+            # (1, conv_dim[-1], T_cnn) -> (1, conv_dim[-1], S)
+            return F.interpolate(cnn, size=num_frames, mode="linear", align_corners=True)
+
         values = input_values.to(device=self.device, dtype=self.dtype)
-        cnn = self.model.feature_extractor(values)  # (1, conv_dim[-1], T_cnn)
-        cnn = F.interpolate(cnn, size=num_frames, mode="linear", align_corners=True)  # (1, C, S)
-        hidden, _ = self.model.feature_projection(cnn.transpose(1, 2))  # (1, S, hidden)
-        encoded = self.model.encoder(hidden, output_hidden_states=True, return_dict=True)
-        if encoded.hidden_states is None:
-            raise RuntimeError("this transformers version returned no encoder hidden states")
-        return torch.stack(encoded.hidden_states[1:], dim=2)[0]  # (1, S, layers, hidden) -> (S, layers, hidden)
+        handle = self.model.feature_extractor.register_forward_hook(to_video_rate)
+        try:
+            out = self.model(values, output_hidden_states=True, return_dict=True)
+        finally:
+            handle.remove()
+        if out.hidden_states is None or len(out.hidden_states) != self.num_layers + 1:
+            raise RuntimeError("wav2vec2 returned no per-layer hidden states")
+        return torch.stack(out.hidden_states[1:], dim=2)[0]  # (1, S, layers, hidden) -> (S, layers, hidden)
 
     def encode(self, speech: np.ndarray) -> AudioFeatures:
         """16 kHz mono waveform (n,) -> :class:`AudioFeatures` (features on CPU, float32)."""

@@ -33,13 +33,14 @@ import warnings as pywarnings
 from pathlib import Path
 from typing import BinaryIO
 
-import av
-import av.error
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hallo3_worker.errors import ErrorCode, InputError
 from hallo3_worker.interface import DecodedAudio, DecodedImage, DecodedInputs
+from hallo3_worker.lazy import lazy_module
+
+av = lazy_module("av", "error")  # PyAV loads when audio is first decoded or resampled
 
 logger = logging.getLogger(__name__)
 
