@@ -7,9 +7,10 @@ the main transformer, the sampler and the CogVideoX VAE, all tiny. The model can
 (8x12 latents) and frames are resized to the real output size, so the video has the length, size,
 frame rate and audio a real one would have; its pictures are noise.
 
-The face analyser here is OpenCV's Haar cascade face detector (shipped with opencv-python): a real
+The face analyser here is OpenCV's Haar cascade face detector (shipped with opencv-python 4): a real
 detector, so images without a face are rejected as in production, with the mask rectangle taken
-from its box. The identity embedding is a fixed random projection of the face crop.
+from its box. OpenCV 5 ships no cascade; there a salient-region box stands in (a featureless image
+still has no face). The identity embedding is a fixed random projection of the face crop.
 """
 
 from __future__ import annotations
@@ -68,27 +69,74 @@ def tiny_reference_net_config() -> ReferenceNetConfig:
     return ReferenceNetConfig(**_TINY_BACKBONE)
 
 
-class TinyFaceAnalyzer:
-    """OpenCV Haar-cascade face detection with a random-projection identity embedding."""
+def _haar_detector():
+    """OpenCV's frontal-face Haar cascade, or None where this OpenCV has none (OpenCV 5 dropped it)."""
+    folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
+    if folder is None or not hasattr(cv2, "CascadeClassifier"):
+        return None
+    detector = cv2.CascadeClassifier(str(Path(folder) / "haarcascade_frontalface_default.xml"))
+    return None if detector.empty() else detector
 
-    def __init__(self, seed: int = 0, embed_dim: int = 512, crop: int = 32) -> None:
-        path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
-        self.detector = cv2.CascadeClassifier(str(path))
-        if self.detector.empty():
-            raise RuntimeError(f"could not load the OpenCV face detector {path}")
+
+def salient_box(gray: np.ndarray, min_edge_fraction: float = 0.01) -> tuple[int, int, int, int] | None:
+    """A face-sized (x, y, w, h) box around the image's detail, or None for a featureless image.
+
+    The stand-in detector where no Haar cascade is available: pixels whose gradient is strong count
+    as detail; with too few of them (a blank or flat picture) there is no face. The box is a square
+    of 40% of the shorter side, inside the image, centred on the detail's median column and, since
+    a portrait's face sits above its shoulders, on the row that has a fifth of the detail above it.
+    """
+    g = gray.astype(np.float32)
+    gy, gx = np.gradient(g)
+    edges = np.hypot(gx, gy) > 24.0  # about a tenth of the full range across two pixels
+    if edges.mean() < min_edge_fraction:
+        return None
+    ys, xs = np.nonzero(edges)
+    height, width = gray.shape
+    side = max(8, int(0.4 * min(height, width)))
+    cx, cy = int(np.median(xs)), int(np.percentile(ys, 20))
+    x = min(max(cx - side // 2, 0), width - side)
+    y = min(max(cy - side // 2, 0), height - side)
+    return x, y, side, side
+
+
+class TinyFaceAnalyzer:
+    """Face detection (OpenCV's Haar cascade where present) with a random-projection identity embedding.
+
+    Where the OpenCV build has no Haar cascade (OpenCV 5), :func:`salient_box` stands in: a
+    featureless image is still refused with ``NO_FACE``. ``detector="salient"`` picks it explicitly.
+    """
+
+    def __init__(self, seed: int = 0, embed_dim: int = 512, crop: int = 32, detector: str = "auto") -> None:
+        if detector not in ("auto", "haar", "salient"):
+            raise ValueError(f"detector must be auto, haar or salient, got {detector!r}")
+        self.detector = None if detector == "salient" else _haar_detector()
+        if self.detector is None and detector == "haar":
+            raise RuntimeError("this OpenCV build has no Haar cascade face detector")
+        if self.detector is None and detector == "auto":
+            logger.info("tiny face analyser: no Haar cascade in OpenCV %s; using the salient-region box",
+                        cv2.__version__)
         generator = torch.Generator().manual_seed(seed)
         self.crop = crop
         self.projection = torch.randn(crop * crop, embed_dim, generator=generator) / crop
         self._lock = threading.Lock()  # cv2 classifiers are not safe to share between threads
 
-    def analyze(self, image: np.ndarray, *, framing: Framing = Framing.UPSTREAM) -> FaceAnalysisResult:
-        """Largest detected face of an RGB uint8 (H, W, 3) image; raises ``InputError(NO_FACE)``."""
-        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    def _detect(self, gray: np.ndarray) -> tuple[int, int, int, int] | None:
+        if self.detector is None:
+            return salient_box(gray)
         with self._lock:
             faces = self.detector.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
         if len(faces) == 0:
+            return None
+        return tuple(int(v) for v in max(faces, key=lambda f: int(f[2]) * int(f[3])))
+
+    def analyze(self, image: np.ndarray, *, framing: Framing = Framing.UPSTREAM) -> FaceAnalysisResult:
+        """Largest detected face of an RGB uint8 (H, W, 3) image; raises ``InputError(NO_FACE)``."""
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        found = self._detect(gray)
+        if found is None:
             raise InputError(ErrorCode.NO_FACE, "No face was found in the image.")
-        x, y, w, h = max(faces, key=lambda f: int(f[2]) * int(f[3]))
+        x, y, w, h = found
         height, width = image.shape[:2]
         bounds = (float(x), float(x + w), float(y), float(y + h))  # (min_x, max_x, min_y, max_y)
         box = expand_region(bounds, width, height, FACE_MASK_EXPAND_RATIO, clamp=framing == Framing.AUTO)

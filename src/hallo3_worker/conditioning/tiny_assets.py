@@ -16,6 +16,7 @@ loading code (``from_pretrained``, audio-separator's model lookup) then runs unc
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -159,29 +160,21 @@ def build_tiny_t5(
     return out
 
 
-def _half_gain_onnx() -> bytes:
-    """A one-node ONNX model: output = input * 0.5, input "input" of shape [batch, 4, dim_f, dim_t]."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    shape = ["batch", 4, "dim_f", "dim_t"]
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["input", "half"], ["output"])],
-        "fake_vocal_separator",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
-        initializer=[helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+# A one-node ONNX model (opset 13, IR 8): output = input * 0.5, input "input" of shape
+# [batch, 4, dim_f, dim_t]. Embedded as its serialised bytes so that no ONNX package is needed to
+# write it; tests/conditioning/test_tiny_assets.py rebuilds it with onnx's helpers and compares.
+HALF_GAIN_ONNX = base64.b64decode(
+    "CAg6owEKGgoFaW5wdXQKBGhhbGYSBm91dHB1dCIDTXVsEhRmYWtlX3ZvY2FsX3NlcGFyYXRvcioOEAEiBAAAAD9CBGhhbGZaLgoFaW5wdXQS"
+    "JQojCAESHwoHEgViYXRjaAoCCAQKBxIFZGltX2YKBxIFZGltX3RiLwoGb3V0cHV0EiUKIwgBEh8KBxIFYmF0Y2gKAggECgcSBWRpbV9m"
+    "CgcSBWRpbV90QgQKABAN"
+)
 
 
 def build_fake_vocal_separator(out_dir: str | os.PathLike[str], model_filename: str = KIM_VOCAL_2) -> Path:
     """Write an audio-separator model folder that works offline with a stand-in MDX ONNX model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = _half_gain_onnx()
+    payload = HALF_GAIN_ONNX
     (out / model_filename).write_bytes(payload)
     digest = hashlib.md5(payload).hexdigest()  # audio-separator's model lookup key (whole file when < 10 MB)
     checks = {key: {} for key in _DOWNLOAD_LIST_KEYS}
