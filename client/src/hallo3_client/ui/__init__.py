@@ -66,7 +66,8 @@ def serve(client: Hallo3Client, *, host: str = DEFAULT_HOST, port: int = DEFAULT
     sock = _listen(host, port)
     with tempfile.TemporaryDirectory(prefix="hallo3-ui-") as folder:
         board = JobBoard(client, Path(folder), upload=upload)
-        app = create_app(board, target=client.base_url)
+        loopback_names = ["127.0.0.1", "localhost"] if host in ("127.0.0.1", "localhost") else None
+        app = create_app(board, target=client.base_url, allowed_hosts=loopback_names)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
         server = uvicorn.Server(config)
         shown = f"[{host}]" if ":" in host else host

@@ -15,7 +15,8 @@ Routes (all under the page's own origin; the API key never leaves this process):
   process does not hold it (an earlier ``hallo3 ui`` run kept it).
 
 Requests that change something must carry the header ``X-Hallo3-UI``, which another site's page
-cannot add without a CORS preflight that this app never grants.
+cannot add without a CORS preflight that this app never grants; on loopback only the ``Host`` names
+127.0.0.1 and localhost are answered.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -92,8 +96,12 @@ def _fields(text: Any) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
-def create_app(board: JobBoard, *, target: str) -> Starlette:
-    """The app serving one :class:`JobBoard`; ``target`` names where jobs go (shown on the page)."""
+def create_app(board: JobBoard, *, target: str, allowed_hosts: Optional[Sequence[str]] = None) -> Starlette:
+    """The app serving one :class:`JobBoard`; ``target`` names where jobs go (shown on the page).
+
+    ``allowed_hosts``: the only ``Host`` names answered (on loopback this keeps a DNS-rebinding page
+    of another site from using the key); ``None`` answers any.
+    """
 
     def guarded(request: Request) -> Optional[Response]:
         if _GUARD_HEADER not in request.headers:
@@ -184,4 +192,5 @@ def create_app(board: JobBoard, *, target: str) -> Starlette:
         Route("/api/jobs/{job_id}/fetch", fetch_earlier, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    return Starlette(routes=routes)
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))] if allowed_hosts else []
+    return Starlette(routes=routes, middleware=middleware)
