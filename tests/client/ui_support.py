@@ -84,7 +84,8 @@ def save_screenshot(driver: Any, name: str, height: int | None = None) -> Path:
     """The page as a small PNG in docs/img/ (the README shows them): 128 colours, optimised."""
     from PIL import Image
 
-    if height is None:  # the whole page: the window's height plus what the document needs beyond it
+    if height is None:  # the whole page and no more: measured in a short window
+        driver.set_window_size(1280, 400)
         height = driver.execute_script(
             "return document.documentElement.scrollHeight + window.outerHeight - window.innerHeight")
     driver.set_window_size(1280, height)
