@@ -7,6 +7,7 @@ and the refusal of requests that do not come from the page.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -104,3 +105,25 @@ def test_url_expiry_reads_presigned_urls() -> None:
     assert url_expiry(v4) == 1577836860  # 2020-01-01 00:01:00 UTC
     assert url_expiry("https://b.example.com/k.mp4?Signature=x&Expires=1700000000") == 1700000000
     assert url_expiry("https://b.example.com/k.mp4") is None
+
+
+def test_progress_snapshot_gives_the_page_its_values() -> None:
+    """The terminal's progress bar, read as values: stage, segment, elapsed and the time left."""
+    from hallo3_client import JobStatus
+    from hallo3_client.progress import ProgressDisplay
+
+    now = [100.0]
+    display = ProgressDisplay(io.StringIO(), tty=False, clock=lambda: now[0])
+    assert display.snapshot() == {"label": "submitting", "fraction": None, "segment": None, "num_segments": None,
+                                  "elapsed_s": 0.0, "left_s": None}
+    running = {"id": "j", "status": "IN_PROGRESS"}
+    now[0] = 110.0
+    display.update(JobStatus.from_response({**running, "output": {"stage": "denoise", "progress": 0.2, "segment": 1,
+                                                                  "num_segments": 4}}, "j"))
+    now[0] = 130.0
+    display.update(JobStatus.from_response({**running, "output": {"stage": "denoise", "progress": 0.6, "segment": 3,
+                                                                  "num_segments": 4}}, "j"))
+    now[0] = 135.0
+    # 0.4 of the job took 20 s, so 0.4 is left: 20 s at 130 s, 15 s at 135 s
+    assert display.snapshot() == {"label": "denoise", "fraction": 0.6, "segment": 3, "num_segments": 4,
+                                  "elapsed_s": 35.0, "left_s": 15.0}

@@ -132,15 +132,17 @@ def test_page_runs_a_job_plays_it_and_reruns_its_seed(ui, driver, face_path, spe
 
     # invalid values are refused in the page, in the worker's own words, and nothing is sent
     _fill(driver, seed="-1", steps="2.5", guidance="25")
+    driver.execute_script("document.getElementById('prompt').value = 'a'.repeat(2001)")
     _el(driver, "run-button").click()
     shown = [item.text for item in _el(driver, "form-errors").find_elements("tag name", "li")]
-    expected = [_worker_message(seed=-1), _worker_message(steps=2.5), _worker_message(guidance=25)]
+    expected = [_worker_message(prompt="a" * 2001), _worker_message(seed=-1), _worker_message(steps=2.5),
+                _worker_message(guidance=25)]
     assert shown == [*expected, "Choose a portrait image.", "Choose an audio file or record one."]
-    assert expected[0] == "'seed' must be between 0 and 4294967295, got -1."
+    assert expected[1] == "'seed' must be between 0 and 4294967295, got -1."
     assert not _el(driver, "job-panel").is_displayed()
 
     # a job with the API's random seed
-    _fill(driver, guidance="3.5")
+    _fill(driver, guidance="3.5", prompt="A person is talking.")
     _fast_options(driver)
     _choose_files(driver, face_path, speech)
     _el(driver, "run-button").click()

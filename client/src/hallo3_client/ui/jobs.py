@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from hallo3_client.client import Hallo3Client, JobResult, JobStatus, _without_query
 from hallo3_client.errors import CancelNotSupported, Hallo3Error, JobFailed, UsageError
@@ -87,7 +87,7 @@ class UiJob:
         if self.result is not None:
             output = self.result.output
             data["result"] = {k: output[k] for k in RESULT_FIELDS if k in output}
-            data["video"] = f"api/jobs/{self.id}/video"
+            data["video"] = f"api/jobs/{quote(self.id, safe='')}/video"
             if output.get("video_type") == "url" and isinstance(output.get("video"), str):
                 data["result"]["video_url"] = output["video"]
                 data["result"]["video_expires_at"] = url_expiry(output["video"])

@@ -185,8 +185,8 @@ function resetJobView() {
   for (const id of ["job-segment", "job-elapsed", "job-left", "job-id"]) text(id, "");
 }
 
-function failed(message) {
-  text("job-error", message);
+function failed(message, code) {
+  text("job-error", code ? `${message} (${code})` : message);
   show($("job-error"), true);
   show($("job-panel"), false);
   show($("cancel-button"), false);
@@ -215,7 +215,7 @@ async function poll() {
     saveHistory(entry);
     renderResult(entry, view.video);
   } else {
-    failed(view.error || `The job ended with status ${view.status}.`);
+    failed(view.error || `The job ended with status ${view.status}.`, view.error_code);
   }
   job = null;
 }
