@@ -23,6 +23,7 @@ from hallo3_client.client import Hallo3Client, JobResult, JobStatus
 from hallo3_client.errors import Hallo3Error, Interrupted, JobFailed, UsageError
 from hallo3_client.media import inline_media, resolve_media, uploaded_media
 from hallo3_client.progress import ProgressDisplay
+from hallo3_client.ui_command import add_ui_parser, cmd_ui
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _MAIN_TIMINGS = ("fetch", "validate", "prepare", "generate", "encode", "mux", "deliver", "total")
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser("cancel", parents=[api], help="cancel a job", description="Cancel a job.")
     cancel.add_argument("job_id", metavar="JOB_ID")
+    add_ui_parser(commands, api)
     return parser
 
 
@@ -193,7 +195,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"run": cmd_run, "status": cmd_status, "cancel": cmd_cancel}
+_COMMANDS = {"run": cmd_run, "status": cmd_status, "cancel": cmd_cancel, "ui": cmd_ui}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 from hallo3_client.client import JobStatus
 
@@ -123,6 +123,22 @@ class ProgressDisplay:
             estimated_at, left = self._eta
             parts.append(f"about {format_duration(left - (now - estimated_at))} left")
         return "  ".join(parts)
+
+    def snapshot(self, now: Optional[float] = None) -> dict[str, Any]:
+        """The current progress as values, for a display other than a terminal (``hallo3 ui``'s page).
+
+        ``label`` (status or stage), ``fraction`` (0-1 or None), ``segment`` and ``num_segments``
+        (or None), ``elapsed_s`` and ``left_s`` (the estimate of the time left, or None).
+        """
+        now = self._clock() if now is None else now
+        with self._lock:
+            left = None
+            if self._eta is not None:
+                estimated_at, remaining = self._eta
+                left = max(0.0, remaining - (now - estimated_at))
+            segment, total = self._segment if self._segment is not None else (None, None)
+            return {"label": self._label, "fraction": self._fraction, "segment": segment, "num_segments": total,
+                    "elapsed_s": max(0.0, now - self._start), "left_s": left}
 
     def _show(self, now: float, force: bool = False) -> None:
         if self.tty:
