@@ -135,6 +135,7 @@ class Settings:
     log_level: str = "INFO"
     bucket: BucketSettings | None = None
     on_platform: bool = False
+    takes_queued_jobs: bool = False  # the SDK takes jobs from Runpod's queue (else: one local test job)
     job_state_dir: Path | None = None
     job_state_max_age_h: float = 72.0
     job_state_stale_after_s: float = 900.0  # a lock on another host not refreshed for this long is abandoned
@@ -287,6 +288,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         bucket=_bucket(env),
         on_platform=_str(env, "RUNPOD_WEBHOOK_POST_OUTPUT") is not None,
+        takes_queued_jobs=_str(env, "RUNPOD_WEBHOOK_GET_JOB") is not None
+        or (_str(env, "RUNPOD_REALTIME_PORT") or "0") != "0",
         job_state_dir=job_state_dir,
         job_state_max_age_h=_float(env, "HALLO3_JOB_STATE_MAX_AGE_H", defaults.job_state_max_age_h),
         compile=(_str(env, "HALLO3_COMPILE") or defaults.compile).lower(),
