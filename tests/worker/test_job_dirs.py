@@ -101,7 +101,8 @@ def test_a_second_worker_process_starting_up_leaves_a_running_job_alone(tmp_path
     audio = base64.b64encode((ASSETS / "speech.wav").read_bytes()).decode()  # 2.3 s: two segments
     image = base64.b64encode((ASSETS / "face.jpg").read_bytes()).decode()
     job_file, video = tmp_path / "job.json", tmp_path / "first.mp4"
-    job_file.write_text(json.dumps({"id": "first", "input": {"image": image, "audio": audio, "steps": 2, "seed": 3}}))
+    job_file.write_text(json.dumps({"id": "first", "input": {"image": image, "audio": audio, "steps": 2, "seed": 3,
+                                                                "separate_vocals": False}}))
     env = _child_env() | {"HALLO3_WORK_DIR": str(work), "HALLO3_VIDEO_PRESET": "ultrafast"}
     log = tmp_path / "first.log"
     with open(log, "wb") as log_file:
