@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rp_api_concurrency", type=int, metavar="N", default=1, help="its worker count")
     parser.add_argument("--rp_log_level", choices=["ERROR", "WARN", "INFO", "DEBUG"], help="the SDK's log level")
     parser.add_argument("--rp_debugger", action="store_true", help="the SDK's debugger output")
-    parser.add_argument("--test_input", metavar="JSON", help='run this job instead of test_input.json: \'{"input": {...}}\'')
+    parser.add_argument("--test_input", metavar="JSON",
+                        help='run this job instead of test_input.json: \'{"input": {...}}\'')
     return parser
 
 

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="0-4294967295; the same seed gives the same video")
     run.add_argument("--steps", type=int, help="denoising steps per segment, 2-100 (worker default 50)")
     run.add_argument("--guidance", type=float, help="classifier-free guidance, 1-20 (worker default 3.5)")
-    run.add_argument("--framing", choices=FRAMINGS, help="upstream (default) or auto (portrait images are fitted whole)")
+    run.add_argument("--framing", choices=FRAMINGS,
+                     help="upstream (default) or auto (portrait images are fitted whole)")
     run.add_argument("--preset", choices=PRESETS, help="speed preset: exact (default), balanced or fast")
     run.add_argument("--cache-threshold", type=_number_in(*CACHE_THRESHOLD_RANGE), metavar="X",
                      help="with --preset fast: step-cache threshold, 0-0.3 (worker default 0.1; 0 turns it off)")

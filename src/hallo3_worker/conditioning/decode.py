@@ -7,11 +7,13 @@ can fail on the user's media (decodable, size, length, silence, channel layout) 
 fails with an :class:`~hallo3_worker.errors.InputError` carrying a stable code.
 
 Image (:func:`decode_image`): Pillow (with pillow-heif's plugin for the HEIC/HEIF photos phones take),
-first frame, EXIF orientation applied, transparency composited onto white, RGB uint8. High-bit-depth modes are scaled to 8 bits rather than clipped: 16-bit grey
-(``I;16*``) and 32-bit integer (``I``) images by the smallest of 8, 16 or 32 bits that holds their
-largest value; float (``F``) images in [0, 1] are multiplied by 255, those in [0, 255] kept, and
-brighter ones scaled so that their maximum is 255 (Pillow itself already reduces 16-bit RGB and
-RGBA to 8 bits per channel).
+first frame, EXIF orientation applied, transparency composited onto white, RGB uint8. High-bit-depth
+modes are scaled to 8 bits rather than clipped: 16-bit grey (``I;16*``) and 32-bit integer (``I``)
+images by the smallest of 8, 16 or 32 bits that holds their largest value; float (``F``) images in
+[0, 1] are multiplied by 255, those in [0, 255] kept, and brighter ones scaled so that their maximum
+is 255 (Pillow itself already reduces 16-bit RGB and RGBA to 8 bits per channel). Images down to
+``MIN_IMAGE_SIDE`` (64 px) are accepted; under ``SOFT_IMAGE_SIDE`` (256 px) :func:`decode_inputs`
+warns that the video will be soft.
 
 Audio (:func:`decode_audio`): PyAV (FFmpeg's libraries), float32 at the stream's own rate. Mono and
 stereo are kept as they are (upstream's exact path). More channels are mixed down to stereo by
