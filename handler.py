@@ -9,6 +9,9 @@ script, it loads the settings and the pipeline once, then hands control to
   ``/status`` locally;
 * on Runpod (``CMD python -u handler.py``): takes jobs from the queue.
 
+The command line (the Runpod SDK's own options, ``--help``) and a local run's job file are checked
+before the model loads, so a typo or a missing ``test_input.json`` is reported at once.
+
 With several GPUs (``HALLO3_GPUS``) this process is rank 0 and starts one process per further
 GPU; they share each segment's denoising. If one of them stops or hangs, the job fails with
 ``GPU_ERROR`` and ``refresh_worker``, and this process ends the others and exits with status 1
@@ -19,10 +22,13 @@ The job schema is documented in ``docs/api.md``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,17 +75,69 @@ def _exit_after_fault() -> None:
     os._exit(1)
 
 
-def main() -> None:
-    """Check fitness (on the platform), load the model before the first job, start the Runpod loop."""
-    import runpod
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the Runpod SDK's options (``runpod.serverless`` reads them again in ``start``)."""
+    parser = argparse.ArgumentParser(
+        prog="handler.py",
+        description="Hallo3 talking-head worker. Without options it runs the job in ./test_input.json and "
+                    "exits (0 on success); on Runpod it takes jobs from the endpoint's queue.",
+        epilog="Settings come from HALLO3_* environment variables (docs/api.md).",
+    )
+    parser.add_argument("--rp_serve_api", action="store_true", help="serve /runsync, /run and /status locally")
+    parser.add_argument("--rp_api_host", metavar="HOST", default="localhost",
+                        help="address of the local API (default localhost; 0.0.0.0 inside Docker)")
+    parser.add_argument("--rp_api_port", type=int, metavar="PORT", default=8000, help="its port (default 8000)")
+    parser.add_argument("--rp_api_concurrency", type=int, metavar="N", default=1, help="its worker count")
+    parser.add_argument("--rp_log_level", choices=["ERROR", "WARN", "INFO", "DEBUG"], help="the SDK's log level")
+    parser.add_argument("--rp_debugger", action="store_true", help="the SDK's debugger output")
+    parser.add_argument("--test_input", metavar="JSON",
+                        help='run this job instead of test_input.json: \'{"input": {...}}\'')
+    return parser
 
+
+def _local_job_problem(args: argparse.Namespace, takes_queued_jobs: bool) -> str | None:
+    """Why the local test job cannot run (checked before the model loads), or None."""
+    if args.rp_serve_api or takes_queued_jobs:
+        return None
+    if args.test_input is not None:
+        text, where = args.test_input, "--test_input"
+    else:
+        path = Path("test_input.json")
+        if not path.is_file():
+            return (f"test_input.json not found in {Path.cwd()}: run from a folder that has one, pass the job "
+                    "with --test_input '{\"input\": {...}}', or serve the local API with --rp_serve_api")
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path.resolve())
+        except (OSError, UnicodeDecodeError) as err:
+            return f"test_input.json cannot be read: {err}"
+    try:
+        job = json.loads(text)
+    except ValueError as err:
+        return f"{where} is not JSON: {err}"
+    if not isinstance(job, dict) or not isinstance(job.get("input"), dict):
+        return f'{where} must hold a job: {{"input": {{"image": ..., "audio": ...}}}}'
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Check the command line and the local job, check fitness (on the platform), load the model, start Runpod."""
+    args = build_parser().parse_args(argv)  # --help and bad options end here, before anything loads
     from hallo3_worker.settings import load_settings
-    from hallo3_worker.worker.ranks import serving_settings, start_ranks
-    from hallo3_worker.worker.runtime import check_fitness_before_loading, configure_logging
+    from hallo3_worker.worker.runtime import configure_logging
 
-    global _worker, _ranks
     settings = load_settings()
     configure_logging(settings)
+    problem = _local_job_problem(args, settings.takes_queued_jobs)
+    if problem is not None:
+        logger.error("%s", problem)
+        raise SystemExit(1)
+
+    import runpod
+
+    from hallo3_worker.worker.ranks import serving_settings, start_ranks
+    from hallo3_worker.worker.runtime import check_fitness_before_loading
+
+    global _worker, _ranks
     check_fitness_before_loading(settings)  # exits with the reason when the worker cannot serve
     _ranks = start_ranks(settings)  # HALLO3_GPUS: the other GPUs' processes, or None for one GPU
     try:

@@ -15,6 +15,8 @@ Variables (all optional):
 ``HALLO3_MAX_AUDIO_BYTES``         Largest accepted audio file.
 ``HALLO3_MAX_IMAGE_PIXELS``        Largest accepted image area (width x height).
 ``HALLO3_MIN_IMAGE_SIDE``          Smallest accepted image side, in pixels.
+``HALLO3_SOFT_IMAGE_SIDE``         Images with a shorter side are accepted with a warning that the
+                                   video will be soft.
 ``HALLO3_MAX_DURATION_S``          Longest audio the server renders, in seconds.
 ``HALLO3_MIN_DURATION_S``          Shortest audio accepted, in seconds.
 ``HALLO3_SILENCE_DBFS``            RMS level (dBFS) at or below which audio counts as silent.
@@ -117,7 +119,8 @@ class Settings:
     max_image_bytes: int = 20 * MIB
     max_audio_bytes: int = 64 * MIB
     max_image_pixels: int = 40_000_000
-    min_image_side: int = 256
+    min_image_side: int = 64
+    soft_image_side: int = 256
     max_duration_s: float = 60.0
     min_duration_s: float = 0.5
     silence_dbfs: float = -60.0
@@ -132,6 +135,7 @@ class Settings:
     log_level: str = "INFO"
     bucket: BucketSettings | None = None
     on_platform: bool = False
+    takes_queued_jobs: bool = False  # the SDK takes jobs from Runpod's queue (else: one local test job)
     job_state_dir: Path | None = None
     job_state_max_age_h: float = 72.0
     job_state_stale_after_s: float = 900.0  # a lock on another host not refreshed for this long is abandoned
@@ -149,6 +153,7 @@ class Settings:
         _require(self.max_audio_bytes > 0, "HALLO3_MAX_AUDIO_BYTES must be positive")
         _require(self.max_image_pixels > 0, "HALLO3_MAX_IMAGE_PIXELS must be positive")
         _require(self.min_image_side > 0, "HALLO3_MIN_IMAGE_SIDE must be positive")
+        _require(self.soft_image_side >= 0, "HALLO3_SOFT_IMAGE_SIDE must be >= 0")
         _require(
             0 < self.min_duration_s <= self.max_duration_s,
             "HALLO3_MIN_DURATION_S must be positive and not above HALLO3_MAX_DURATION_S",
@@ -268,6 +273,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_audio_bytes=_int(env, "HALLO3_MAX_AUDIO_BYTES", defaults.max_audio_bytes),
         max_image_pixels=_int(env, "HALLO3_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
         min_image_side=_int(env, "HALLO3_MIN_IMAGE_SIDE", defaults.min_image_side),
+        soft_image_side=_int(env, "HALLO3_SOFT_IMAGE_SIDE", defaults.soft_image_side),
         max_duration_s=_float(env, "HALLO3_MAX_DURATION_S", defaults.max_duration_s),
         min_duration_s=_float(env, "HALLO3_MIN_DURATION_S", defaults.min_duration_s),
         silence_dbfs=_float(env, "HALLO3_SILENCE_DBFS", defaults.silence_dbfs),
@@ -282,6 +288,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         bucket=_bucket(env),
         on_platform=_str(env, "RUNPOD_WEBHOOK_POST_OUTPUT") is not None,
+        takes_queued_jobs=_str(env, "RUNPOD_WEBHOOK_GET_JOB") is not None
+        or (_str(env, "RUNPOD_REALTIME_PORT") or "0") != "0",
         job_state_dir=job_state_dir,
         job_state_max_age_h=_float(env, "HALLO3_JOB_STATE_MAX_AGE_H", defaults.job_state_max_age_h),
         compile=(_str(env, "HALLO3_COMPILE") or defaults.compile).lower(),

@@ -9,11 +9,16 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from client_support import client_env
 
 import hallo3_client.client as client_module
 from hallo3_client import ApiError, Hallo3Client, JobFailed, JobStatus, RequestTooLarge, UsageError
@@ -249,3 +254,78 @@ def test_job_failed_carries_the_code() -> None:
         client.result(JobStatus.from_response({"status": "FAILED", "error": "x", "output": {"error_code": "NO_FACE"}},
                                               "j"))
     assert (failed.value.job_id, failed.value.error_code, failed.value.error) == ("j", "NO_FACE", "x")
+
+
+# --------------------------------------------------------------------------- options and saved files
+
+
+def test_fast_preset_knobs_are_sent(fake_api, face_path, speech_path, tmp_path, no_wait) -> None:
+    video = base64.b64encode(b"inline mp4").decode()
+    fake_api.statuses = [{"status": "COMPLETED", "output": {**RESULT, "video_type": "base64", "video": video}}]
+    assert main(_run_args(fake_api.base, face_path, speech_path, tmp_path / "o.mp4", "--preset", "fast",
+                          "--cache-threshold", "0.05", "--cfg-fraction", "0.8", "--output-mode", "base64")) == 0
+    sent = fake_api.requests[0].json()["input"]
+    assert (sent["preset"], sent["cache_threshold"], sent["cfg_fraction"]) == ("fast", 0.05, 0.8)
+    assert sent["output"] == {"mode": "base64"}
+
+
+@pytest.mark.parametrize("bad", [["--preset", "fastt"], ["--framing", "wide"], ["--output-mode", "url"],
+                                 ["--preset", "fast", "--cache-threshold", "0.5"],
+                                 ["--preset", "fast", "--cfg-fraction", "0.2"], ["--cache-threshold", "0.1"],
+                                 ["--preset", "exact", "--cfg-fraction", "0.8"]])
+def test_bad_job_options_are_usage_errors_before_any_request(fake_api, face_path, speech_path, tmp_path, capsys,
+                                                              bad: list[str]) -> None:
+    try:
+        code = main(_run_args(fake_api.base, face_path, speech_path, tmp_path / "o.mp4", *bad))
+    except SystemExit as exited:  # argparse's own usage errors
+        code = exited.code
+    assert code == 2
+    assert fake_api.requests == []
+    err = capsys.readouterr().err
+    assert bad[-1] in err or "--preset fast" in err, err
+
+
+def test_verbose_after_the_command_and_version(fake_api, face_path, speech_path, tmp_path) -> None:
+    """The real command: -v is accepted after the command too; --version answers at once."""
+    video = base64.b64encode(b"inline mp4").decode()
+    fake_api.statuses = [{"status": "COMPLETED", "output": {**RESULT, "video_type": "base64", "video": video}}]
+    command = [sys.executable, "-m", "hallo3_client"]
+    done = subprocess.run([*command, "run", "-v", *_run_args(fake_api.base, face_path, speech_path,
+                                                            tmp_path / "o.mp4")[1:]],
+                          env=client_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"DEBUG hallo3_client.client: POST {fake_api.base}/run" in done.stderr
+    quiet = subprocess.run([*command, "status", "job-123", "--url", fake_api.base], env=client_env(),
+                           capture_output=True, text=True, timeout=60)
+    assert quiet.returncode == 0 and "DEBUG" not in quiet.stderr
+    version = subprocess.run([*command, "--version"], env=client_env(), capture_output=True, text=True, timeout=60)
+    from hallo3_client import __version__
+
+    assert version.returncode == 0 and version.stdout.strip() == f"hallo3 {__version__}"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_the_saved_mp4_follows_the_umask_and_json_says_where(fake_api, face_path, speech_path, tmp_path, no_wait,
+                                                              capsys, monkeypatch, umask: int) -> None:
+    video = base64.b64encode(b"inline mp4").decode()
+    fake_api.statuses = [{"status": "COMPLETED", "output": {**RESULT, "video_type": "base64", "video": video}}]
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(umask)
+    try:
+        assert main(_run_args(fake_api.base, face_path, speech_path, Path("relative.mp4"), "--json")) == 0
+    finally:
+        os.umask(old)
+    saved = tmp_path / "relative.mp4"
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o666 & ~umask
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["saved_to"] == str(saved)  # absolute, wherever the command ran
+    assert f"saved {saved}" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_upload_without_boto3_names_the_install_command(face_path, speech_path, tmp_path, monkeypatch,
+                                                        capsys) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as if the s3 extra were not installed
+    code = main(_run_args("http://127.0.0.1:9", face_path, speech_path, tmp_path / "o.mp4", "--upload", "s3://b/p"))
+    assert code == 2
+    assert "pip install './client[s3]'" in capsys.readouterr().err

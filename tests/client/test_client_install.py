@@ -36,6 +36,10 @@ def test_client_installs_into_a_fresh_venv_without_torch(tmp_path: Path) -> None
     assert "usage: hallo3" in shown.stdout and "run" in shown.stdout and "cancel" in shown.stdout
     run_help = subprocess.run([str(hallo3), "run", "--help"], env=env, capture_output=True, text=True, timeout=60)
     assert run_help.returncode == 0 and "--upload" in run_help.stdout
+    version = subprocess.run([str(hallo3), "--version"], env=env, capture_output=True, text=True, timeout=60)
+    installed = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('hallo3-client'))"],
+                               env=env, capture_output=True, text=True, timeout=60).stdout.strip()
+    assert version.returncode == 0 and version.stdout.strip() == f"hallo3 {installed}"
 
     torch = subprocess.run([str(python), "-c", "import torch"], env=env, capture_output=True, text=True, timeout=60)
     assert torch.returncode != 0 and "No module named 'torch'" in torch.stderr

@@ -48,6 +48,7 @@ def test_run_writes_an_mp4_with_audio(worker_api, face_path, speech_path, tmp_pa
     assert _streams(out) == ("h264", "aac", 25)
     assert "seed: 3" in captured.out and "timings: fetch" in captured.out and f"saved {out}" in captured.out
     assert "submitted to " + worker_api.base in captured.err
+    assert "this API reports no progress while the job runs" in captured.err  # not a bar stuck at "waiting"
     assert "tiny random-weight model" in captured.err  # the result's warning
 
 

@@ -6,6 +6,7 @@ Golden files (tests/goldens/audio, see its README) come from upstream Hallo3's o
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -380,6 +381,34 @@ def test_vocal_separation_through_audio_separator_with_stand_in_model(tmp_path: 
     assert abs(speech.size - vocals.duration_s * 16_000) <= 1
     np.testing.assert_array_equal(speech, A.vocals_to_16k(D.decode_audio(tmp_path / "job-2" / "vocals.wav")))
     assert sorted(p.name for p in model_dir.iterdir()) == before  # nothing written to the model folder
+
+
+def test_separator_chatter_stays_out_of_the_log_unless_debug(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """audio-separator's log lines, tqdm bars and warnings appear only when the worker logs at DEBUG."""
+    model_dir = tiny_assets.build_fake_vocal_separator(tmp_path / "models")
+    audio = D.decode_audio(SPEECH_WAV)
+    package = logging.getLogger("hallo3_worker")
+    monkeypatch.setattr(package, "propagate", True)  # to caplog's handler, whatever configured it before
+    monkeypatch.setattr(package, "level", package.level)  # restored afterwards
+    caplog.set_level(logging.DEBUG)
+
+    package.setLevel(logging.INFO)  # HALLO3_LOG_LEVEL's default
+    S.VocalSeparator(model_dir, torch_device="cpu").separate(audio, tmp_path / "quiet")
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "%|" not in err and "soundfile" not in err and "Warning" not in err, err
+    assert not [r for r in caplog.records if r.name.startswith("audio_separator") or r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.levelno > logging.DEBUG and "Warning" in r.getMessage()]
+    caplog.clear()
+
+    package.setLevel(logging.DEBUG)  # HALLO3_LOG_LEVEL=DEBUG shows it all again
+    S.VocalSeparator(model_dir, torch_device="cpu").separate(audio, tmp_path / "debug")
+    assert "100%" in capfd.readouterr().err  # the bars
+    messages = [r.getMessage() for r in caplog.records]
+    assert "Using soundfile for writing." in messages
+    warned = [r.getMessage() for r in caplog.records if r.name == S.logger.name and r.levelno == logging.DEBUG]
+    assert any("RuntimeWarning: invalid value encountered in divide" in m for m in warned), warned
 
 
 def test_separator_refuses_an_incomplete_model_folder(tmp_path: Path) -> None:

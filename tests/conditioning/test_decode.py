@@ -70,10 +70,12 @@ def test_decode_image_applies_exif_orientation(tmp_path) -> None:
 
 def test_decode_image_rejects_small_undecodable_and_huge() -> None:
     with pytest.raises(InputError) as small:
-        decode_image(_encode(Image.new("RGB", (600, 255)), "PNG"))  # docs/api.md: both sides >= 256 px
-    assert small.value.code == ErrorCode.IMAGE_TOO_SMALL
-    assert decode_image(_encode(Image.new("RGB", (256, 256)), "PNG")).shape == (256, 256, 3)
-    assert decode_image(_encode(Image.new("RGB", (100, 80)), "PNG"), min_side=64).shape == (80, 100, 3)
+        decode_image(_encode(Image.new("RGB", (600, 63)), "PNG"))  # docs/api.md: both sides >= 64 px
+    assert small.value.code == ErrorCode.IMAGE_TOO_SMALL and "600x63" in small.value.message
+    assert decode_image(_encode(Image.new("RGB", (64, 64)), "PNG")).shape == (64, 64, 3)
+    with pytest.raises(InputError) as raised_floor:
+        decode_image(_encode(Image.new("RGB", (100, 80)), "PNG"), min_side=256)
+    assert raised_floor.value.code == ErrorCode.IMAGE_TOO_SMALL
     with pytest.raises(InputError) as bad:
         decode_image(b"definitely not an image")
     assert bad.value.code == ErrorCode.IMAGE_UNDECODABLE
@@ -86,6 +88,22 @@ def test_decode_image_rejects_small_undecodable_and_huge() -> None:
     with pytest.raises(InputError) as default_limit:  # 40 megapixels by default; rejected before decoding
         decode_image(_encode(Image.new("1", (8000, 5001)), "PNG"))
     assert default_limit.value.code == ErrorCode.MEDIA_TOO_LARGE
+
+
+def test_heic_photos_decode_upright(tmp_path: Path) -> None:
+    """HEIC, the default photo format of phones, through pillow-heif; the photo's rotation is applied."""
+    img = Image.new("RGB", (360, 280), (200, 20, 20))
+    img.paste((0, 0, 255), (0, 0, 40, 30))  # blue top-left corner as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display, as a phone held upright writes it
+    path = tmp_path / "photo.heic"
+    img.save(path, format="HEIF", exif=exif.tobytes(), quality=90)
+    assert path.read_bytes()[4:12] in (b"ftypheic", b"ftypmif1")  # a real HEIF container
+    decoded = D.decode_image(path)
+    assert decoded.format == "HEIF" and decoded.rgb.shape == (360, 280, 3)
+    upright = decoded.rgb
+    assert upright[5, -6, 2] > 200 and upright[5, -6, 0] < 60  # the blue corner moved to the top-right
+    assert upright[-6, 5, 0] > 150 and upright[-6, 5, 2] < 80  # the rest is still red
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +217,19 @@ def test_decode_inputs_cuts_or_rejects_long_audio_and_rejects_short(tmp_path: Pa
     with pytest.raises(InputError) as too_short:
         D.decode_inputs(ASSETS / "face.jpg", short, limits)
     assert too_short.value.code is ErrorCode.AUDIO_TOO_SHORT
+
+
+def test_decode_inputs_warns_that_a_small_image_gives_a_soft_video(tmp_path: Path) -> None:
+    audio = write_multichannel(tmp_path / "speech.wav", 1, seconds=1.0)
+    small = tmp_path / "small.png"
+    Image.open(ASSETS / "face.jpg").resize((160, 160)).save(small)
+    inputs = D.decode_inputs(small, audio)
+    assert inputs.image.rgb.shape == (160, 160, 3)
+    assert len(inputs.warnings) == 1 and "160x160" in inputs.warnings[0] and "soft" in inputs.warnings[0]
+    assert D.decode_inputs(ASSETS / "face.jpg", audio).warnings == ()  # 320x320: no warning
+    with pytest.raises(InputError) as too_small:
+        D.decode_inputs(small, audio, D.InputLimits(min_image_side=200))
+    assert too_small.value.code is ErrorCode.IMAGE_TOO_SMALL
 
 
 def test_decode_inputs_warns_about_a_mix_down(tmp_path: Path) -> None:

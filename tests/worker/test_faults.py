@@ -6,8 +6,10 @@ import dataclasses
 
 import asyncio
 import logging
+import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from hallo3_worker.errors import ErrorCode
 from hallo3_worker.interface import Cancelled, GenerationResult, PreparedJob, Progress, ProgressCallback
 from hallo3_worker.settings import Settings
 from fake_pipeline import NoiseTalkingHeadPipeline
+from hallo3_worker.worker import job_dirs
 from hallo3_worker.worker.service import Worker
 
 
@@ -148,9 +151,12 @@ def test_a_cancelled_event_before_generation_returns_cancelled(settings: Setting
 
 
 def test_stale_job_folders_are_removed_at_start_up(settings: Settings) -> None:
+    """A folder without an owner record (an older version's) once it is old; owners: test_job_dirs.py."""
     stale = settings.work_dir / "job-crashed-abc"
     stale.mkdir(parents=True)
     (stale / "image.jpg").write_bytes(b"x")
+    old = time.time() - job_dirs.UNRECORDED_GRACE_S - 1
+    os.utime(stale, (old, old))
     keep = settings.work_dir / "unrelated"
     keep.mkdir()
     Worker(settings, NoiseTalkingHeadPipeline(settings))

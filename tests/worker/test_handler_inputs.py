@@ -45,6 +45,26 @@ def test_data_uri_inputs(run_job, face_jpg: bytes, short_wav: bytes) -> None:
     assert_ok(run_job({"image": DATA_JPEG + b64(face_jpg), "audio": DATA_WAV + b64(short_wav)}))
 
 
+@pytest.mark.parametrize("prefix", ["data:x;base64,", "data:;base64,", "data:image/jpeg;name=face.jpg;base64,",
+                                    "DATA:Application/Octet-Stream;base64,"])
+def test_data_uri_with_any_declared_type(run_job, face_jpg: bytes, short_wav: bytes, prefix: str) -> None:
+    """docs/api.md: the declared type is ignored; the content decides."""
+    assert_ok(run_job({"image": prefix + b64(face_jpg), "audio": prefix + b64(short_wav)}))
+
+
+def test_data_uri_without_base64_is_refused(run_job, short_wav: bytes) -> None:
+    message = assert_error(run_job({"image": "data:x,rawtext", "audio": b64(short_wav)}), ErrorCode.INVALID_INPUT)
+    assert ";base64," in message
+
+
+def test_heic_photo_input(run_job, short_wav: bytes) -> None:
+    photo = Image.open(io.BytesIO(jpeg_bytes(300, 400)))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="HEIF", quality=80)
+    result = assert_ok(run_job({"image": "data:image/heic;base64," + b64(buffer.getvalue()), "audio": b64(short_wav)}))
+    assert (result["width"], result["height"]) == (720, 480)
+
+
 def test_volume_path_inputs(run_job, settings: Settings, face_jpg: bytes, short_wav: bytes) -> None:
     folder = settings.volume_root / "inputs"
     folder.mkdir()
@@ -107,7 +127,58 @@ def test_unreachable_host_is_retried_then_reported(run_job, monkeypatch, short_w
     monkeypatch.setattr(inputs, "_download_once", lambda url, *a: attempts.append(url) or real_once(url, *a))
     url = f"http://127.0.0.1:{free_port()}/face.jpg"  # nothing listens there
     message = assert_error(run_job({"image": url, "audio": b64(short_wav)}), ErrorCode.MEDIA_FETCH_FAILED)
-    assert "ConnectionError" in message and len(attempts) == inputs.DOWNLOAD_TRIES
+    assert "the host 127.0.0.1 refused the connection" in message and len(attempts) == inputs.DOWNLOAD_TRIES
+
+
+def _fake_resolver(monkeypatch: pytest.MonkeyPatch, answers: dict[str, str | None]) -> list[str]:
+    """socket.getaddrinfo for the names in ``answers``: an address, or None for a name that does not resolve."""
+    import socket
+
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in answers:
+            return real(host, port, *args, **kwargs)
+        asked.append(host)
+        if answers[host] is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (answers[host], port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_unresolvable_host_is_a_fetch_failure_naming_the_host(run_job, monkeypatch, short_wav: bytes) -> None:
+    asked = _fake_resolver(monkeypatch, {"nonexistent.invalid": None})
+    result = run_job({"image": "https://nonexistent.invalid/x.jpg?sig=SECRET", "audio": b64(short_wav)})
+    message = assert_error(result, ErrorCode.MEDIA_FETCH_FAILED)
+    assert "the host nonexistent.invalid could not be resolved" in message and "SECRET" not in message
+    assert asked == ["nonexistent.invalid"]  # asked once: a name that does not resolve is not retried
+
+
+@pytest.mark.parametrize("address", ["10.1.2.3", "127.0.0.1", "169.254.169.254", "100.64.0.1"])
+def test_a_name_resolving_to_a_private_address_is_not_allowed(run_job, monkeypatch, short_wav: bytes,
+                                                              address: str) -> None:
+    _fake_resolver(monkeypatch, {"media.example.com": address})
+    message = assert_error(run_job({"image": "https://media.example.com/x.jpg", "audio": b64(short_wav)}),
+                           ErrorCode.URL_NOT_ALLOWED)
+    assert "media.example.com" in message
+
+
+def test_a_host_that_does_not_answer_is_a_fetch_failure(make_runner, make_settings, monkeypatch,
+                                                        short_wav: bytes) -> None:
+    import socket
+
+    from hallo3_worker.worker import inputs
+
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
+    monkeypatch.setattr(inputs, "RETRY_DELAY_S", 0.01)
+    run_job = make_runner(make_settings(download_timeout_s=0.3))
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, never answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/face.jpg"
+        message = assert_error(run_job({"image": url, "audio": b64(short_wav)}), ErrorCode.MEDIA_FETCH_FAILED)
+    assert "the host 127.0.0.1 did not answer within 0.3 s" in message
 
 
 @pytest.mark.parametrize("via", ["url", "sdk_cap", "base64", "volume"])
@@ -144,9 +215,17 @@ def test_truncated_image(run_job, face_jpg: bytes, short_wav: bytes) -> None:
 
 
 def test_image_too_small(run_job, short_wav: bytes) -> None:
-    message = assert_error(run_job({"image": b64(jpeg_bytes(300, 200)), "audio": b64(short_wav)}),
+    message = assert_error(run_job({"image": b64(jpeg_bytes(300, 60)), "audio": b64(short_wav)}),
                            ErrorCode.IMAGE_TOO_SMALL)
-    assert "300x200" in message
+    assert "300x60" in message and "64" in message
+
+
+def test_small_image_is_accepted_with_a_warning(run_job, face_jpg: bytes, short_wav: bytes) -> None:
+    small = io.BytesIO()
+    Image.open(io.BytesIO(face_jpg)).resize((160, 160)).save(small, format="PNG")
+    result = assert_ok(run_job({"image": b64(small.getvalue()), "audio": b64(short_wav)}))
+    assert (result["width"], result["height"]) == (480, 480)
+    assert any("160x160" in w and "soft" in w for w in result["warnings"]), result["warnings"]
 
 
 def test_image_with_too_many_pixels(make_runner, make_settings, short_wav: bytes) -> None:

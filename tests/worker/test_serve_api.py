@@ -48,6 +48,10 @@ def test_runsync(server, test_job: dict[str, Any]) -> None:
     assert "tiny random-weight model" in text  # the start-up log says what runs
     payload = test_job["input"]["image"].split(",", 1)[1]
     assert payload[:60] not in text and body["output"]["video"][:60] not in text  # no base64 in the log
+    # the job log reads as the worker's own stages: no third-party chatter (docs/deploy.md)
+    for chatter in ("it/s]", "Using soundfile", "RuntimeWarning", "UserWarning", "stft"):
+        assert chatter not in text, chatter
+    assert "denoise segment 1/" in text
 
 
 def test_run_then_status(server, test_job: dict[str, Any]) -> None:

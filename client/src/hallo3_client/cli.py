@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from hallo3_client import __version__
 from hallo3_client.client import Hallo3Client, JobResult, JobStatus
 from hallo3_client.errors import Hallo3Error, Interrupted, JobFailed, UsageError
 from hallo3_client.media import inline_media, resolve_media, uploaded_media
@@ -26,11 +27,30 @@ from hallo3_client.progress import ProgressDisplay
 from hallo3_client.ui_command import add_ui_parser, cmd_ui
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# The worker's documented values (docs/api.md): checked here so that a typo never reaches the endpoint.
+FRAMINGS = ("upstream", "auto")
+PRESETS = ("exact", "balanced", "fast")
+OUTPUT_MODES = ("auto", "s3", "base64")
+CACHE_THRESHOLD_RANGE = (0.0, 0.3)
+CFG_FRACTION_RANGE = (0.4, 1.0)
 _MAIN_TIMINGS = ("fetch", "validate", "prepare", "generate", "encode", "mux", "deliver", "total")
 
 
 def _error(text: str) -> None:
     print(f"hallo3: {text}", file=sys.stderr)
+
+
+def _number_in(low: float, high: float) -> Any:
+    """An argparse type: a float between ``low`` and ``high`` (a usage error otherwise)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is outside {low:g}-{high:g}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 job failed or API error, 2 usage error, 130 interrupted.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log requests and retries to stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     api = argparse.ArgumentParser(add_help=False)
@@ -50,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="any API base with Runpod's /run and /status routes, e.g. http://localhost:8000 "
                              "for handler.py --rp_serve_api (RUNPOD_API_KEY is sent when set)")
     api.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds per request (default 30)")
+    api.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="log requests and retries to stderr")
 
     run = commands.add_parser("run", parents=[api], help="run a job and save the video",
                               description="Run a job, follow its progress and save the video.")
@@ -60,19 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="0-4294967295; the same seed gives the same video")
     run.add_argument("--steps", type=int, help="denoising steps per segment, 2-100 (worker default 50)")
     run.add_argument("--guidance", type=float, help="classifier-free guidance, 1-20 (worker default 3.5)")
-    run.add_argument("--framing", help="upstream (default) or auto (portrait images are fitted whole)")
-    run.add_argument("--preset", help="speed preset, on workers that have them (sent only when given)")
+    run.add_argument("--framing", choices=FRAMINGS,
+                     help="upstream (default) or auto (portrait images are fitted whole)")
+    run.add_argument("--preset", choices=PRESETS, help="speed preset: exact (default), balanced or fast")
+    run.add_argument("--cache-threshold", type=_number_in(*CACHE_THRESHOLD_RANGE), metavar="X",
+                     help="with --preset fast: step-cache threshold, 0-0.3 (worker default 0.1; 0 turns it off)")
+    run.add_argument("--cfg-fraction", type=_number_in(*CFG_FRACTION_RANGE), metavar="X",
+                     help="with --preset fast: share of steps with full guidance, 0.4-1 (worker default 0.6)")
     run.add_argument("--separate-vocals", action=argparse.BooleanOptionalAction, default=None,
                      help="isolate the voice before computing audio features (worker default: on)")
     run.add_argument("--max-duration", type=float, metavar="S", dest="max_duration_s",
                      help="render only the first S seconds of the audio")
-    run.add_argument("--output-mode", help="how the worker returns the video: auto (default), s3 or base64")
+    run.add_argument("--output-mode", choices=OUTPUT_MODES,
+                     help="how the worker returns the video: auto (default), s3 or base64")
     run.add_argument("--output-filename", metavar="NAME", help="object name in the endpoint's bucket")
     run.add_argument("--upload", metavar="s3://BUCKET/PREFIX",
                      help="upload local files to your bucket (boto3, standard AWS_* settings) and send "
                           "presigned URLs; needed when the files are too large to send inline")
     run.add_argument("--poll-interval", type=float, default=1.0, metavar="S", help="seconds between status polls")
-    run.add_argument("--json", action="store_true", help="print the result (without the video) as JSON")
+    run.add_argument("--json", action="store_true",
+                     help="print the result (without the video) as JSON, with saved_to: where the MP4 went")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     status = commands.add_parser("status", parents=[api], help="show a job's status (as JSON)",
@@ -98,7 +128,8 @@ def make_client(args: argparse.Namespace) -> Hallo3Client:
 def job_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The job input besides the media: only what was given, so the worker's defaults apply."""
     fields = {name: getattr(args, name) for name in
-              ("prompt", "seed", "steps", "guidance", "framing", "preset", "separate_vocals", "max_duration_s")}
+              ("prompt", "seed", "steps", "guidance", "framing", "preset", "cache_threshold", "cfg_fraction",
+               "separate_vocals", "max_duration_s")}
     output = {"mode": args.output_mode, "filename": args.output_filename}
     fields["output"] = {k: v for k, v in output.items() if v is not None} or None
     return {k: v for k, v in fields.items() if v is not None}
@@ -141,6 +172,8 @@ def _print_result(result: JobResult) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if (args.cache_threshold is not None or args.cfg_fraction is not None) and args.preset != "fast":
+        raise UsageError("--cache-threshold and --cfg-fraction tune --preset fast; add --preset fast.")
     output = Path(args.output).expanduser() if args.output else None
     if output is not None and output.is_dir():
         raise UsageError(f"-o {args.output}: is a folder; give a file name such as {output / 'out.mp4'}.")
@@ -157,11 +190,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 job,
                 on_update=None if args.quiet else display.update,
                 on_submitted=None if args.quiet else lambda job_id: display.submitted(job_id, client.base_url),
+                on_no_progress=None if args.quiet else display.no_progress,
             )
-        path = client.save_video(result.output, output or Path(f"{result.job_id}.mp4"))
+        path = client.save_video(result.output, (output or Path(f"{result.job_id}.mp4")).absolute())
         result = dataclasses.replace(result, path=path)
     if args.json:
-        print(json.dumps(result.metadata(), indent=2))
+        print(json.dumps(result.metadata(), indent=2))  # with saved_to, the MP4's absolute path
+        _error(f"saved {path}")
     else:
         _print_result(result)
     return EXIT_OK

@@ -11,7 +11,8 @@ does about it:
 * ``/status/{id}``: Runpod answers GET at once, with the job's latest progress update as ``output``
   while it is ``IN_PROGRESS``. The local server answers only POST and runs the job inside that
   request, so the first status call returns when the job has ended and there is no progress to
-  show. The client asks with GET and switches to POST when the API answers 405.
+  show. The client asks with GET and switches to POST when the API answers 405, and tells its
+  caller (``on_no_progress``) before that POST, which waits for the whole job.
 * ``/cancel/{id}``: only Runpod has it; the local server answers 404, which the client reports as
   :class:`CancelNotSupported`.
 * A failed job: Runpod shows ``error`` and, in ``output``, the worker's ``error_code``; the local
@@ -28,7 +29,7 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -257,8 +258,12 @@ class Hallo3Client:
         logger.info("Job %s: %s", job_id, data.get("status", "submitted"))
         return job_id
 
-    def status(self, job_id: str) -> JobStatus:
-        """The job's status: GET ``/status/{id}``, or POST where the API wants it (the local server)."""
+    def status(self, job_id: str, *, on_no_progress: Optional[Callable[[], None]] = None) -> JobStatus:
+        """The job's status: GET ``/status/{id}``, or POST where the API wants it (the local server).
+
+        ``on_no_progress`` is called once GET was refused, before the POST that answers only when the
+        job has ended: this API reports no progress while the job runs.
+        """
         path = f"/status/{quote(job_id, safe='')}"
         timeout = httpx.Timeout(self._http.timeout.connect, read=self._status_timeout,
                                 write=self._http.timeout.write, pool=self._http.timeout.pool)
@@ -266,6 +271,8 @@ class Hallo3Client:
         if response.status_code == 405 and self._status_method == "GET":
             logger.debug("GET /status answered 405; asking with POST from now on")
             self._status_method = "POST"
+            if on_no_progress is not None:
+                on_no_progress()
             response = self._request("POST", path, idempotent=True, timeout=timeout)
         return JobStatus.from_response(self._json(response, "/status"), job_id)
 
@@ -282,11 +289,11 @@ class Hallo3Client:
     # --------------------------------------------------------------------------- whole jobs
 
     def wait(self, job_id: str, *, on_update: Optional[UpdateCallback] = None,
-             poll_interval: Optional[float] = None) -> JobStatus:
-        """Poll ``/status`` until the job has ended; ``on_update`` sees every answer."""
+             poll_interval: Optional[float] = None, on_no_progress: Optional[Callable[[], None]] = None) -> JobStatus:
+        """Poll ``/status`` until the job has ended; ``on_update`` sees every answer (see :meth:`status`)."""
         interval = self.poll_interval if poll_interval is None else poll_interval
         while True:
-            status = self.status(job_id)
+            status = self.status(job_id, on_no_progress=on_no_progress)
             if on_update is not None:
                 on_update(status)
             if not status.active:
@@ -301,6 +308,7 @@ class Hallo3Client:
         on_update: Optional[UpdateCallback] = None,
         on_submitted: Optional[Callable[[str], None]] = None,
         s3_config: Optional[Mapping[str, str]] = None,
+        on_no_progress: Optional[Callable[[], None]] = None,
     ) -> JobResult:
         """Submit, wait, and save the video to ``output_path`` (when given).
 
@@ -313,7 +321,7 @@ class Hallo3Client:
             job_id = self.submit(job_input, s3_config=s3_config)
             if on_submitted is not None:
                 on_submitted(job_id)
-            final = self.wait(job_id, on_update=on_update)
+            final = self.wait(job_id, on_update=on_update, on_no_progress=on_no_progress)
         except KeyboardInterrupt:
             raise self._interrupted(job_id) from None
         return self.result(final, output_path)
@@ -428,8 +436,17 @@ class Hallo3Client:
 
 @contextlib.contextmanager
 def _atomic_file(path: Path) -> Any:
-    """A temporary file next to ``path`` that replaces it only when the block succeeds."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    """A temporary file next to ``path`` that replaces it only when the block succeeds.
+
+    It is created with mode 0666 less the umask, as any file a program writes (not mkstemp's 0600).
+    """
+    while True:
+        name = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.part")
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle

@@ -4,7 +4,7 @@ Local files go inline as data URIs (the worker accepts data URIs, plain base64, 
 paths; a data URI is never mistaken for a path). When the request would pass the ``/run`` size
 limit, :func:`inline_media` refuses before anything is sent; :func:`upload_to_s3` puts the files in
 the caller's bucket instead and returns presigned GET URLs for the worker to fetch. boto3 is
-imported only there (``pip install 'hallo3-client[s3]'``).
+imported only there (``pip install './client[s3]'`` from a checkout of the worker).
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def upload_to_s3(paths: Sequence[Path], target: str, *, expires_s: int = UPLOAD_
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
-        raise UsageError("--upload needs boto3: pip install 'hallo3-client[s3]'.") from None
+        raise UsageError("--upload needs boto3: install the client with its s3 extra, "
+                         "pip install './client[s3]' (from a checkout of the worker).") from None
     s3 = s3_client or boto3.client("s3")
     folder = f"{prefix}/{uuid.uuid4().hex}" if prefix else uuid.uuid4().hex
     urls: list[str] = []

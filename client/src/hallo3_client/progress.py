@@ -3,7 +3,8 @@
 While a job runs, Runpod's ``/status`` carries the worker's latest update as ``output``:
 ``{"stage": "denoise", "progress": 0.5, "segment": 2, "num_segments": 4}`` (``progress`` from 0
 to 1; ``segment`` and ``num_segments`` while segments are generated). The local server shows no
-updates: its first status answer is the end of the job, so the bar only counts the time.
+updates: its first status answer is the end of the job, so the display says so
+(:meth:`ProgressDisplay.no_progress`) and the bar only counts the time.
 
 On a terminal the bar is one line, redrawn every second; elsewhere (a log, a pipe) a plain line is
 written whenever the status, stage or segment changes.
@@ -62,6 +63,11 @@ class ProgressDisplay:
     def submitted(self, job_id: str, where: str) -> None:
         self._label = "waiting"
         self.message(f"job {job_id} submitted to {where}")
+
+    def no_progress(self) -> None:
+        """The API answers ``/status`` only when the job has ended (the worker's local API): say so."""
+        self._label = "running (no progress reported)"
+        self.message("this API reports no progress while the job runs; waiting for it to end")
 
     def update(self, status: JobStatus) -> None:
         now = self._clock()

@@ -6,12 +6,14 @@ hands the result to the pipeline inside the :class:`~hallo3_worker.interface.Gen
 can fail on the user's media (decodable, size, length, silence, channel layout) happens here, and
 fails with an :class:`~hallo3_worker.errors.InputError` carrying a stable code.
 
-Image (:func:`decode_image`): Pillow, first frame, EXIF orientation applied, transparency composited
-onto white, RGB uint8. High-bit-depth modes are scaled to 8 bits rather than clipped: 16-bit grey
-(``I;16*``) and 32-bit integer (``I``) images by the smallest of 8, 16 or 32 bits that holds their
-largest value; float (``F``) images in [0, 1] are multiplied by 255, those in [0, 255] kept, and
-brighter ones scaled so that their maximum is 255 (Pillow itself already reduces 16-bit RGB and
-RGBA to 8 bits per channel).
+Image (:func:`decode_image`): Pillow (with pillow-heif's plugin for the HEIC/HEIF photos phones take),
+first frame, EXIF orientation applied, transparency composited onto white, RGB uint8. High-bit-depth
+modes are scaled to 8 bits rather than clipped: 16-bit grey (``I;16*``) and 32-bit integer (``I``)
+images by the smallest of 8, 16 or 32 bits that holds their largest value; float (``F``) images in
+[0, 1] are multiplied by 255, those in [0, 255] kept, and brighter ones scaled so that their maximum
+is 255 (Pillow itself already reduces 16-bit RGB and RGBA to 8 bits per channel). Images down to
+``MIN_IMAGE_SIDE`` (64 px) are accepted; under ``SOFT_IMAGE_SIDE`` (256 px) :func:`decode_inputs`
+warns that the video will be soft.
 
 Audio (:func:`decode_audio`): PyAV (FFmpeg's libraries), float32 at the stream's own rate. Mono and
 stereo are kept as they are (upstream's exact path). More channels are mixed down to stereo by
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hallo3_worker.errors import ErrorCode, InputError
@@ -45,7 +48,11 @@ av = lazy_module("av", "error")  # PyAV loads when audio is first decoded or res
 logger = logging.getLogger(__name__)
 
 #: Images whose shorter side is below this are rejected (IMAGE_TOO_SMALL); ``HALLO3_MIN_IMAGE_SIDE``.
-MIN_IMAGE_SIDE = 256
+#: The face detector still has a chance on a 64-pixel face.
+MIN_IMAGE_SIDE = 64
+#: Images whose shorter side is below this are accepted with a warning that the video will be soft (they
+#: are scaled up to the model's 480-pixel canvas); ``HALLO3_SOFT_IMAGE_SIDE``.
+SOFT_IMAGE_SIDE = 256
 #: More pixels than this are rejected (MEDIA_TOO_LARGE) before decoding; ``HALLO3_MAX_IMAGE_PIXELS``.
 MAX_IMAGE_PIXELS = 40_000_000
 #: Transparent images are composited onto this colour.
@@ -53,12 +60,15 @@ ALPHA_BACKGROUND = (255, 255, 255)
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _UNDECODABLE_AUDIO = "The audio could not be decoded; send WAV, MP3, FLAC, OGG or M4A speech."
 
+pillow_heif.register_heif_opener()  # HEIC/HEIF for Image.open; libheif applies the photo's rotation
+
 
 @dataclasses.dataclass(frozen=True)
 class InputLimits:
     """The checks of :func:`decode_inputs`; the worker fills them from its settings."""
 
     min_image_side: int = MIN_IMAGE_SIDE
+    soft_image_side: int = SOFT_IMAGE_SIDE
     max_image_pixels: int = MAX_IMAGE_PIXELS
     max_duration_s: float = 60.0
     min_duration_s: float = 0.2
@@ -123,7 +133,7 @@ def decode_image(
         raise InputError(ErrorCode.MEDIA_TOO_LARGE, "The image has too many pixels.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InputError(
-            ErrorCode.IMAGE_UNDECODABLE, "The image could not be decoded; send a JPEG, PNG or WebP picture."
+            ErrorCode.IMAGE_UNDECODABLE, "The image could not be decoded; send a JPEG, PNG, WebP or HEIC picture."
         ) from None
     array = np.array(rgb, dtype=np.uint8)  # a writable copy
     height, width = array.shape[:2]
@@ -259,6 +269,11 @@ def decode_inputs(
     cap = limits.max_duration_s if max_duration_s is None else min(max_duration_s, limits.max_duration_s)
     audio = decode_audio(audio_path, silence_dbfs=limits.silence_dbfs, limit_s=cap)
     warnings: list[str] = []
+    height, width = image.rgb.shape[:2]
+    if min(height, width) < limits.soft_image_side:
+        warnings.append(f"The image is only {width}x{height}: it is scaled up to the model's canvas, so the video "
+                        f"will be soft; a portrait at least {limits.soft_image_side} px on each side gives a "
+                        "sharper one.")
     if audio.source_channels > 2:
         how = f"no channel layout, read as {audio.layout}" if audio.layout_assumed else f"{audio.layout}"
         warnings.append(f"The audio's {audio.source_channels} channels ({how}) were mixed down to stereo.")

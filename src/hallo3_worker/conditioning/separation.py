@@ -14,6 +14,12 @@ the vocals into a shared, working-directory-relative cache folder. Here:
   works, with no ffmpeg binary) and writes float WAV; the 16-bit quantisation upstream's writer
   applied is done afterwards by :func:`hallo3_worker.conditioning.audio.vocals_to_16k`.
 
+audio-separator's chatter stays out of the job log unless this module's logger is at DEBUG
+(``HALLO3_LOG_LEVEL=DEBUG``): its own log lines below ERROR (such as "Using soundfile for
+writing"), its tqdm progress bars, and the Python warnings raised while it runs (a NumPy
+``RuntimeWarning`` from its overlap division, torch's STFT deprecation warning), which are logged
+here at DEBUG instead of printed.
+
 audio-separator's MDX module imports ``onnx2torch`` at import time, which needs torchvision; the
 ONNX Runtime path used here (segment size == the model's ``dim_t``) never calls it, so a stub is
 installed when the real package cannot be imported.
@@ -98,6 +104,20 @@ def _stub_onnx2torch() -> None:
     logger.debug("onnx2torch unavailable; installed a stub (ONNX Runtime path only)")
 
 
+def _progress_bars_at_debug_only(module: types.ModuleType) -> None:
+    """Make the tqdm bars of an audio-separator architecture module draw only when this module logs DEBUG."""
+    bar = getattr(module, "tqdm", None)
+    if bar is None or getattr(bar, "_hallo3_debug_only", False):
+        return
+
+    def debug_only_bar(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("disable", not logger.isEnabledFor(logging.DEBUG))
+        return bar(*args, **kwargs)
+
+    debug_only_bar._hallo3_debug_only = True  # type: ignore[attr-defined]
+    module.tqdm = debug_only_bar  # type: ignore[attr-defined]
+
+
 def check_model_dir(model_dir: str | os.PathLike[str], model_filename: str = KIM_VOCAL_2) -> Path:
     """Return ``model_dir`` as a Path if it holds the model and audio-separator's metadata files.
 
@@ -130,7 +150,7 @@ class VocalSeparator:
         *,
         torch_device: torch.device | str = "cpu",
         providers: Sequence[str] | None = None,
-        log_level: int = logging.WARNING,
+        log_level: int | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.model_filename = model_filename
@@ -138,7 +158,7 @@ class VocalSeparator:
         if providers is None:
             providers = onnx_providers(use_cuda=self.torch_device.type == "cuda")
         self.providers = list(providers)
-        self.log_level = log_level
+        self.log_level = log_level  # audio-separator's; None: DEBUG when this module logs DEBUG, else ERROR
         self._separator: Any = None
         self._lock = threading.Lock()
 
@@ -160,9 +180,12 @@ class VocalSeparator:
         # Separator() silences every Python warning process-wide unless log_level is DEBUG;
         # catch_warnings restores the filters. info_only=True skips its device probing (which also
         # insists on an ffmpeg binary); device and providers are set explicitly below.
+        log_level = self.log_level
+        if log_level is None:
+            log_level = logging.DEBUG if logger.isEnabledFor(logging.DEBUG) else logging.ERROR
         with warnings.catch_warnings():
             separator = Separator(
-                log_level=self.log_level,
+                log_level=log_level,
                 model_file_dir=str(self.model_dir),
                 output_dir=str(self.model_dir),  # never written to: separate() sets the job's folder
                 output_format="WAV",
@@ -179,6 +202,7 @@ class VocalSeparator:
             separator.load_model(self.model_filename)
         if separator.model_instance is None:
             raise SeparationError(f"audio-separator could not load {self.model_filename}")
+        _progress_bars_at_debug_only(sys.modules[type(separator.model_instance).__module__])
         logger.info(
             "Loaded vocal separator %s (providers %s, STFT on %s)",
             self.model_filename,
@@ -201,8 +225,12 @@ class VocalSeparator:
             separator = self._separator
             # The output folder is captured by the loaded model; point it at this job's folder.
             separator.model_instance.output_dir = str(job_dir)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 outputs = separator.separate(str(mix_path), custom_output_names={"Vocals": VOCALS_NAME})
+        for warning in caught:
+            logger.debug("audio-separator: %s: %s (%s:%s)", warning.category.__name__, warning.message,
+                         Path(warning.filename).name, warning.lineno)
         if not outputs:
             raise SeparationError("vocal separation produced no output")
         vocals = job_dir / Path(outputs[0]).name

@@ -6,7 +6,8 @@ A media string is one of (checked in this order):
   (:func:`runpod.serverless.utils.rp_ssrf.safe_get`), which blocks private and link-local
   destinations (unless ``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS`` is set) and honours
   ``RUNPOD_MAX_DOWNLOAD_BYTES``; the body streams into the job folder under our own cap too.
-* ``data:<mime>;base64,<data>`` data URI.
+* ``data:<type>;base64,<data>`` data URI; the declared type may be any token (or empty): the
+  content decides what the file is.
 * an absolute path (starts with ``/``, at most 4096 characters, not the ``/9j/`` start of a base64
   JPEG): must lie inside the network volume root once symlinks are resolved; read in place.
 * anything else: plain base64.
@@ -24,6 +25,7 @@ import enum
 import logging
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -38,8 +40,8 @@ MAX_PATH_CHARS = 4096
 DOWNLOAD_TRIES = 3  # attempts per URL when the connection fails or times out
 RETRY_DELAY_S = 0.5  # times the attempt number
 _CHUNK_BYTES = 1024 * 1024
-_DATA_URI_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
-                          re.IGNORECASE)
+_DATA_URI_RE = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,=]+=[^;,]*)*)(?P<b64>;base64)?,", re.IGNORECASE)
+_GUARD_HOST_RE = re.compile(r"host '([^']{1,253})'")
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _WHITESPACE_RE = re.compile(r"\s+")
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
@@ -193,13 +195,7 @@ def _download(url: str, field: str, dest: Path, max_bytes: int, timeout_s: float
                 time.sleep(RETRY_DELAY_S * attempt)
     except rp_ssrf.SSRFError as err:
         dest.unlink(missing_ok=True)
-        if "size cap" in str(err):
-            raise _too_large(field, cap) from None
-        logger.warning("Blocked download of %s for '%s': %s", shown, field, type(err).__name__)
-        raise InputError(
-            ErrorCode.URL_NOT_ALLOWED,
-            f"'{field}' URL is not allowed (only public http/https hosts can be fetched): {shown}",
-        ) from None
+        raise _guard_error(err, field, url, cap) from None
     except requests.HTTPError as err:
         dest.unlink(missing_ok=True)
         status = err.response.status_code if err.response is not None else "error"
@@ -210,12 +206,81 @@ def _download(url: str, field: str, dest: Path, max_bytes: int, timeout_s: float
         dest.unlink(missing_ok=True)
         logger.warning("Download of %s for '%s' failed: %s", shown, field, type(err).__name__)
         raise InputError(
-            ErrorCode.MEDIA_FETCH_FAILED, f"Could not download '{field}' from {shown}: {type(err).__name__}."
+            ErrorCode.MEDIA_FETCH_FAILED,
+            f"Could not download '{field}' from {shown}: {_connection_problem(err, _host(url), timeout_s)}.",
         ) from None
     if written == 0:
         dest.unlink(missing_ok=True)
         raise InputError(ErrorCode.MEDIA_FETCH_FAILED, f"'{field}' download from {shown} was empty.")
     return written
+
+
+def _host(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or "(none)"
+    except ValueError:
+        return "(unreadable)"
+
+
+def _guard_error(err: Exception, field: str, url: str, cap: int) -> InputError:
+    """The user-facing error for a refusal of the SDK's SSRF guard (``rp_ssrf.SSRFError``).
+
+    Only a destination that is not public, or not http(s), is URL_NOT_ALLOWED; a name that does not
+    resolve, a broken redirect or a proxy this worker cannot use is MEDIA_FETCH_FAILED.
+    """
+    text = str(err)
+    shown = redact_url(url)
+    named = _GUARD_HOST_RE.search(text)
+    host = named.group(1) if named else _host(url)  # a redirect may lead to another host
+    if "size cap" in text:
+        return _too_large(field, cap)
+    if isinstance(err.__cause__, socket.gaierror) or text.startswith(("could not resolve host", "no addresses")):
+        logger.info("Download of %s for '%s' failed: the host %s does not resolve", shown, field, host)
+        return InputError(ErrorCode.MEDIA_FETCH_FAILED,
+                          f"Could not download '{field}' from {shown}: the host {host} could not be resolved "
+                          "(no such name, or its DNS did not answer).")
+    if text.startswith("refusing to fetch"):  # an HTTP(S)_PROXY of the worker: a server setting, not the URL
+        logger.warning("Download of %s for '%s' refused: the SSRF guard cannot pin addresses through a proxy; "
+                       "exempt the host with NO_PROXY or remove the proxy setting", shown, field)
+        return InputError(ErrorCode.MEDIA_FETCH_FAILED,
+                          f"Could not download '{field}' from {shown}: this worker reaches hosts only through a "
+                          "proxy, which its guarded downloads cannot use.")
+    if "redirect" in text:
+        return InputError(ErrorCode.MEDIA_FETCH_FAILED,
+                          f"Could not download '{field}' from {shown}: too many redirects, or a redirect without a "
+                          "target.")
+    logger.warning("Blocked download of %s for '%s': %s", shown, field, text.split(":")[0][:120])
+    return InputError(
+        ErrorCode.URL_NOT_ALLOWED,
+        f"'{field}' URL is not allowed (only public http/https hosts can be fetched; {host} is not one): {shown}",
+    )
+
+
+def _connection_problem(err: BaseException, host: str, timeout_s: float) -> str:
+    """A few words on why a connection failed, naming the host (no payloads, no query strings)."""
+    if isinstance(err, requests.Timeout):
+        return f"the host {host} did not answer within {timeout_s:g} s"
+    if _caused_by(err, ConnectionRefusedError):
+        return f"the host {host} refused the connection"
+    if isinstance(err, requests.ConnectionError):
+        return f"could not connect to the host {host}"
+    return f"{type(err).__name__} while reading from the host {host}"
+
+
+def _caused_by(err: BaseException, kind: type[BaseException], depth: int = 8) -> bool:
+    """Whether ``kind`` is among the errors that led to ``err`` (causes, contexts, wrapped reasons)."""
+    seen: list[object] = [err]
+    for _ in range(depth):
+        found: list[object] = []
+        for item in seen:
+            if isinstance(item, kind):
+                return True
+            if isinstance(item, BaseException):
+                found += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+        seen = [item for item in found if isinstance(item, BaseException)]
+        if not seen:
+            return False
+    return False
 
 
 def _download_once(url: str, dest: Path, cap: int, timeout_s: float) -> int:

@@ -133,6 +133,7 @@ def input_limits(settings: Settings) -> InputLimits:
     """The media checks of :func:`~hallo3_worker.conditioning.decode.decode_inputs`, from the settings."""
     return InputLimits(
         min_image_side=settings.min_image_side,
+        soft_image_side=settings.soft_image_side,
         max_image_pixels=settings.max_image_pixels,
         max_duration_s=settings.max_duration_s,
         min_duration_s=settings.min_duration_s,

@@ -9,7 +9,9 @@ One job goes through: schema check -> fetch media -> decode and check them once 
 ``pipeline.generate``, each segment's frames encoded as they arrive -> the segments joined with the
 original audio (no second encode) -> delivery. Every failure becomes
 ``{"error": <sentence>, "error_code": <code>}`` (plus ``"refresh_worker": true`` after GPU
-faults); tracebacks only go to the log. The job's temporary folder is removed in every case.
+faults); tracebacks only go to the log. The job's temporary folder is removed in every case; at
+start-up only the folders of processes that have ended are removed (:mod:`.job_dirs`), so several
+workers can share a work dir.
 """
 
 from __future__ import annotations
@@ -19,12 +21,10 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import shutil
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from hallo3_worker.interface import (
 )
 from hallo3_worker.settings import Settings, load_settings
 from hallo3_worker.timing import timed
-from hallo3_worker.worker import job_state, media
+from hallo3_worker.worker import job_dirs, job_state, media
 from hallo3_worker.worker.delivery import deliver, safe_key_part, upload_segment
 from hallo3_worker.worker.inputs import describe, fetch_media
 from hallo3_worker.worker.runtime import TINY_MODEL_WARNING, configure_logging, input_limits, load_pipeline
@@ -53,7 +53,6 @@ from hallo3_worker.worker.schema import JobSpec, parse_job
 
 logger = logging.getLogger(__name__)
 
-JOB_DIR_PREFIX = "job-"
 ProgressSender = Callable[[Mapping[str, Any], dict[str, Any]], None]
 
 # Share of the whole job given to each worker stage in progress reports; generation gets the rest.
@@ -83,7 +82,7 @@ class Worker:
         self._send_progress = progress_sender or _runpod_progress_update
         self._pipeline_lock = threading.Lock()  # one generation at a time, even after a cancel
         settings.work_dir.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_job_dirs()
+        job_dirs.remove_orphaned_job_dirs(settings.work_dir)  # never the folders of jobs running in other processes
 
     # ------------------------------------------------------------------------------ async entry
 
@@ -108,7 +107,7 @@ class Worker:
         ref = _job_ref(job)
         started = time.perf_counter()
         try:
-            with _job_dir(self.settings.work_dir, ref) as job_dir:
+            with job_dirs.job_dir(self.settings.work_dir, ref) as job_dir:
                 output = self._run(job, cancel, job_dir, started)
             logger.info("Job %s: done in %.1f s", ref, time.perf_counter() - started)
             return output
@@ -241,11 +240,6 @@ class Worker:
             logger.info("Job %s: resuming after segment %d from saved state", _job_ref(job), saved.next_segment)
         return state, saved
 
-    def _remove_stale_job_dirs(self) -> None:
-        """Job folders left by a process that died mid-job (nothing runs yet at start-up)."""
-        for leftover in self.settings.work_dir.glob(f"{JOB_DIR_PREFIX}*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-
 
 # ---------------------------------------------------------------------------------- helpers
 
@@ -259,19 +253,6 @@ def create_worker(settings: Settings | None = None) -> Worker:
 
 def _job_ref(job: Mapping[str, Any]) -> str:
     return safe_key_part(str(job.get("id") or "local"))
-
-
-@contextlib.contextmanager
-def _job_dir(base: Path, ref: str) -> Iterator[Path]:
-    """A fresh folder for one job under ``base``, removed on exit whatever happens."""
-    base.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{JOB_DIR_PREFIX}{ref[:40]}-", dir=base))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-        if path.exists():
-            logger.error("Could not remove the job folder %s", path)
 
 
 class _SegmentEncoder:
