@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import av
 import cv2
 import numpy as np
+import pillow_heif
 import pytest
 import soundfile as sf
 from PIL import Image
@@ -18,6 +21,8 @@ from hallo3_worker.tiny import TinyFaceAnalyzer
 from media_files import speech_clip, write_multichannel
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+pillow_heif.register_heif_opener()  # lets these tests write HEIC photos with Pillow
 
 
 def decode_image(source, **kwargs) -> np.ndarray:
@@ -104,6 +109,10 @@ def test_heic_photos_decode_upright(tmp_path: Path) -> None:
     upright = decoded.rgb
     assert upright[5, -6, 2] > 200 and upright[5, -6, 0] < 60  # the blue corner moved to the top-right
     assert upright[-6, 5, 0] > 150 and upright[-6, 5, 2] < 80  # the rest is still red
+    # The worker registers the HEIF opener itself (this test module registered it to write the file).
+    probe = "import sys; from hallo3_worker.conditioning.decode import decode_image; print(decode_image(sys.argv[1]).format)"
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "HEIF", done.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

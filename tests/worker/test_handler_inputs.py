@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import pillow_heif
 import pytest
 from PIL import Image
 from worker_support import b64, jpeg_bytes, voice_like, wav_bytes
@@ -18,6 +19,8 @@ from fake_pipeline import NoiseTalkingHeadPipeline
 
 DATA_JPEG = "data:image/jpeg;base64,"
 DATA_WAV = "data:audio/wav;base64,"
+
+pillow_heif.register_heif_opener()  # lets these tests write HEIC photos with Pillow
 
 
 def assert_ok(result: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ channels, for example) is rejected with ``AUDIO_LAYOUT_UNSUPPORTED``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import logging
 import math
@@ -36,7 +37,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hallo3_worker.errors import ErrorCode, InputError
@@ -60,7 +60,14 @@ ALPHA_BACKGROUND = (255, 255, 255)
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _UNDECODABLE_AUDIO = "The audio could not be decoded; send WAV, MP3, FLAC, OGG or M4A speech."
 
-pillow_heif.register_heif_opener()  # HEIC/HEIF for Image.open; libheif applies the photo's rotation
+
+
+@functools.cache
+def _register_heif() -> None:
+    """HEIC/HEIF for ``Image.open`` (libheif applies the photo's rotation); loaded with the first image."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +110,7 @@ def decode_image(
     gives upstream's (unrotated) behaviour. Raises ``InputError`` with IMAGE_UNDECODABLE,
     IMAGE_TOO_SMALL or MEDIA_TOO_LARGE.
     """
+    _register_heif()
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:
