@@ -46,7 +46,7 @@ from hallo3_worker.interface import (
 from hallo3_worker.settings import Settings, load_settings
 from hallo3_worker.timing import timed
 from hallo3_worker.worker import job_state, media
-from hallo3_worker.worker.delivery import deliver, safe_key_part, upload_segment
+from hallo3_worker.worker.delivery import SegmentUploads, deliver, safe_key_part
 from hallo3_worker.worker.inputs import describe, fetch_media
 from hallo3_worker.worker.runtime import TINY_MODEL_WARNING, configure_logging, input_limits, load_pipeline
 from hallo3_worker.worker.schema import JobSpec, parse_job
@@ -135,9 +135,11 @@ class Worker:
         report.stage("fetch")
         with timed(timings, "fetch"):
             image = fetch_media(spec.image, "image", job_dir / "image.bin", self.settings.max_image_bytes,
-                                volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s)
+                                volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s,
+                                deadline_s=self.settings.download_deadline_s)
             audio = fetch_media(spec.audio, "audio", job_dir / "audio.bin", self.settings.max_audio_bytes,
-                                volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s)
+                                volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s,
+                                deadline_s=self.settings.download_deadline_s)
         raise_if_cancelled(cancel)
 
         with timed(timings, "validate"):  # the one decode of both files; prepare and the mux use it
@@ -164,13 +166,14 @@ class Worker:
             work_dir=job_dir,
             inputs=inputs,
         )
-        with self._pipeline_lock:
+        uploads = SegmentUploads(spec, self.settings)
+        with self._pipeline_lock, contextlib.closing(uploads):
             report.stage("prepare")
             with timed(timings, "prepare"):
                 prepared = self.pipeline.prepare(request)
             raise_if_cancelled(cancel)
             encoder = _SegmentEncoder(job_dir / "segments", prepared.fps, self.settings, timings, spec.seed, state,
-                                      saved, ready=functools.partial(self._segment_ready, spec, report))
+                                      saved, ready=functools.partial(self._segment_ready, uploads, report))
             with timed(timings, "generate"):
                 try:
                     result = self.pipeline.generate(prepared, progress=report.pipeline, cancel=cancel,
@@ -214,10 +217,10 @@ class Worker:
             "warnings": _unique(warnings + prepared.warnings + result.warnings + delivered.warnings),
         }
 
-    def _segment_ready(self, spec: JobSpec, report: _ProgressReporter, path: Path, done: SegmentOutput,
+    def _segment_ready(self, uploads: SegmentUploads, report: _ProgressReporter, path: Path, done: SegmentOutput,
                        start_s: float, duration_s: float) -> None:
         """Hand a finished segment on early when the video goes to a bucket: uploaded, its URL in a progress update."""
-        url = upload_segment(path, spec, self.settings)
+        url = uploads.upload(path)
         if url is not None:
             report.segment_ready(done.segment, done.num_segments, url, start_s, duration_s)
 
