@@ -22,7 +22,7 @@ from hallo3_worker.settings import Settings
 from fake_pipeline import NoiseTalkingHeadPipeline
 from hallo3_worker.worker import budget
 
-#: A limit small enough that a 5 s clip would fall below the floor (a 1 s clip still fits).
+#: A limit small enough that a 5 s clip would fall below the floor (up to 3 s still fit).
 SMALL_INLINE_LIMIT = 400_000
 
 
@@ -88,21 +88,26 @@ def test_a_minute_without_a_bucket_is_capped_to_fit_inline_and_stays_determinist
     assert second["video"] == first["video"]  # same seed, same bytes
 
 
-def test_audio_past_the_floor_fails_before_any_segment(make_runner, make_settings, progress,
-                                                       face_jpg: bytes) -> None:
-    settings = make_settings(inline_output_max_bytes=SMALL_INLINE_LIMIT, on_platform=True)
+@pytest.mark.parametrize(("limit", "seconds", "longest"), [(SMALL_INLINE_LIMIT, 5.0, 3.0), (9_000_000, 100.0, 92.4)],
+                         ids=["small-limit", "default-limit"])
+def test_audio_past_the_floor_fails_before_any_segment(make_runner, make_settings, progress, face_jpg: bytes,
+                                                       limit: int, seconds: float, longest: float) -> None:
+    settings = make_settings(inline_output_max_bytes=limit, max_duration_s=120.0, on_platform=True)
     pipeline = CountingPipeline(settings)
-    result = make_runner(settings, pipeline)({"image": b64(face_jpg), "audio": b64(wav_bytes(voice_like(5.0)))})
+    result = make_runner(settings, pipeline)({"image": b64(face_jpg), "audio": b64(wav_bytes(voice_like(seconds)))})
     assert set(result) == {"error", "error_code"}, result
     assert result["error_code"] == ErrorCode.OUTPUT_TOO_LARGE.value
-    longest = budget.max_inline_duration_s(1, settings)
-    assert 1.0 < longest < 5.0
+    assert budget.max_inline_duration_s(1, settings) == longest
     assert "300 kbit/s" in result["error"] and "s3Config" in result["error"] and f"at most {longest:g} s" in result["error"]
     assert (pipeline.prepared, pipeline.denoised_segments) == (0, 0)
     assert [p["stage"] for _, p in progress.calls] == ["fetch"]  # no prepare, no denoise
 
-    short = make_runner(settings, pipeline)({"image": b64(face_jpg), "audio": b64(wav_bytes(voice_like(1.0)))})
-    assert short["video_type"] == "base64" and len(short["video"]) <= SMALL_INLINE_LIMIT  # under the floor's length
+
+def test_a_clip_under_the_floor_length_still_fits(make_runner, make_settings, face_jpg: bytes) -> None:
+    settings = make_settings(inline_output_max_bytes=SMALL_INLINE_LIMIT)
+    result = make_runner(settings)({"image": b64(face_jpg), "audio": b64(wav_bytes(voice_like(1.0)))})
+    assert result["video_type"] == "base64" and len(result["video"]) <= SMALL_INLINE_LIMIT
+    assert any("bitrate was capped" in w for w in result["warnings"])
 
 
 def test_the_same_job_with_a_bucket_is_not_capped(make_runner, make_settings, face_jpg: bytes, moto_endpoint: str,
