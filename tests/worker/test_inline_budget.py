@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-from typing import Any
 
 import av
 import pytest
