@@ -37,18 +37,26 @@ class ErrorCode(str, enum.Enum):
     PATH_NOT_ALLOWED = "PATH_NOT_ALLOWED"
     URL_NOT_ALLOWED = "URL_NOT_ALLOWED"
     BUCKET_NOT_CONFIGURED = "BUCKET_NOT_CONFIGURED"
+    WORKER_DISK_FULL = "WORKER_DISK_FULL"
 
 
 class UserFacingError(Exception):
-    """An error whose message is safe to show to the user verbatim, with a stable code."""
+    """An error whose message is safe to show to the user verbatim, with a stable code.
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    ``refresh_worker``: the fault is the worker's (a full disk), so the platform should replace it.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, *, refresh_worker: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.refresh_worker = refresh_worker
 
-    def to_response(self) -> dict[str, str]:
-        return {"error": self.message, "error_code": self.code.value}
+    def to_response(self) -> dict[str, object]:
+        response: dict[str, object] = {"error": self.message, "error_code": self.code.value}
+        if self.refresh_worker:
+            response["refresh_worker"] = True
+        return response
 
 
 class InputError(UserFacingError, ValueError):

@@ -21,7 +21,13 @@ Variables (all optional):
 ``HALLO3_MIN_DURATION_S``          Shortest audio accepted, in seconds.
 ``HALLO3_SILENCE_DBFS``            RMS level (dBFS) at or below which audio counts as silent.
 ``HALLO3_INLINE_OUTPUT_MAX_BYTES`` Largest base64 text returned inline in the job result.
-``HALLO3_DOWNLOAD_TIMEOUT_S``      Connect/read timeout for media downloads.
+``HALLO3_DOWNLOAD_TIMEOUT_S``      Connect/read timeout for media downloads: the longest silence.
+``HALLO3_DOWNLOAD_DEADLINE_S``     The longest one media download may take in all, retries included.
+``HALLO3_BUCKET_CONNECT_TIMEOUT_S`` Connect timeout of every bucket request (uploads).
+``HALLO3_BUCKET_READ_TIMEOUT_S``   Read timeout of every bucket request: the longest silence.
+``HALLO3_BUCKET_MAX_ATTEMPTS``     Attempts per bucket request, the first included.
+``HALLO3_INLINE_MIN_KBPS``         Lowest video bitrate an inline result may be capped to.
+``HALLO3_DISK_RESERVE_MB``         Free space kept on the work disk beyond a job's estimated need.
 ``HALLO3_VIDEO_CRF``               libx264 constant rate factor of the output.
 ``HALLO3_VIDEO_PRESET``            libx264 preset of the output.
 ``HALLO3_CANCEL_GRACE_S``          How long a cancelled job may take to stop and clean up.
@@ -126,6 +132,12 @@ class Settings:
     silence_dbfs: float = -60.0
     inline_output_max_bytes: int = 9_000_000  # base64 characters; /run accepts 10 MB in all
     download_timeout_s: float = 30.0
+    download_deadline_s: float = 120.0
+    bucket_connect_timeout_s: float = 5.0
+    bucket_read_timeout_s: float = 10.0
+    bucket_max_attempts: int = 2
+    inline_min_kbps: float = 300.0
+    disk_reserve_mb: float = 100.0
     video_crf: int = 18
     video_preset: str = "medium"
     cancel_grace_s: float = 30.0
@@ -160,6 +172,12 @@ class Settings:
         )
         _require(self.inline_output_max_bytes >= 0, "HALLO3_INLINE_OUTPUT_MAX_BYTES must be >= 0")
         _require(self.download_timeout_s > 0, "HALLO3_DOWNLOAD_TIMEOUT_S must be positive")
+        _require(self.download_deadline_s > 0, "HALLO3_DOWNLOAD_DEADLINE_S must be positive")
+        _require(self.bucket_connect_timeout_s > 0, "HALLO3_BUCKET_CONNECT_TIMEOUT_S must be positive")
+        _require(self.bucket_read_timeout_s > 0, "HALLO3_BUCKET_READ_TIMEOUT_S must be positive")
+        _require(1 <= self.bucket_max_attempts <= 10, "HALLO3_BUCKET_MAX_ATTEMPTS must be between 1 and 10")
+        _require(self.inline_min_kbps > 0, "HALLO3_INLINE_MIN_KBPS must be positive")
+        _require(self.disk_reserve_mb >= 0, "HALLO3_DISK_RESERVE_MB must be >= 0")
         _require(0 <= self.video_crf <= 51, "HALLO3_VIDEO_CRF must be between 0 and 51")
         _require(self.cancel_grace_s >= 0, "HALLO3_CANCEL_GRACE_S must be >= 0")
         _require(self.offload in OFFLOAD_CHOICES, f"HALLO3_OFFLOAD must be one of {', '.join(OFFLOAD_CHOICES)}")
@@ -279,6 +297,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         silence_dbfs=_float(env, "HALLO3_SILENCE_DBFS", defaults.silence_dbfs),
         inline_output_max_bytes=_int(env, "HALLO3_INLINE_OUTPUT_MAX_BYTES", defaults.inline_output_max_bytes),
         download_timeout_s=_float(env, "HALLO3_DOWNLOAD_TIMEOUT_S", defaults.download_timeout_s),
+        download_deadline_s=_float(env, "HALLO3_DOWNLOAD_DEADLINE_S", defaults.download_deadline_s),
+        bucket_connect_timeout_s=_float(env, "HALLO3_BUCKET_CONNECT_TIMEOUT_S", defaults.bucket_connect_timeout_s),
+        bucket_read_timeout_s=_float(env, "HALLO3_BUCKET_READ_TIMEOUT_S", defaults.bucket_read_timeout_s),
+        bucket_max_attempts=_int(env, "HALLO3_BUCKET_MAX_ATTEMPTS", defaults.bucket_max_attempts),
+        inline_min_kbps=_float(env, "HALLO3_INLINE_MIN_KBPS", defaults.inline_min_kbps),
+        disk_reserve_mb=_float(env, "HALLO3_DISK_RESERVE_MB", defaults.disk_reserve_mb),
         video_crf=_int(env, "HALLO3_VIDEO_CRF", defaults.video_crf),
         video_preset=_str(env, "HALLO3_VIDEO_PRESET") or defaults.video_preset,
         cancel_grace_s=_float(env, "HALLO3_CANCEL_GRACE_S", defaults.cancel_grace_s),

@@ -101,19 +101,6 @@ def test_s3_mode_without_any_bucket(run_job, inputs) -> None:
     assert result["error_code"] == ErrorCode.BUCKET_NOT_CONFIGURED.value
 
 
-def test_sdk_local_fallback_is_never_returned(run_job, inputs, monkeypatch: pytest.MonkeyPatch, _isolated_env: Path,
-                                              moto_endpoint: str, bucket: str) -> None:
-    """Without an S3 client the SDK copies the file to ./local_upload and returns that path."""
-    from runpod.serverless.utils import rp_upload
-
-    monkeypatch.setattr(rp_upload, "get_boto_client", lambda bucket_creds=None: (None, None))
-    strict = run_job({**inputs, "output": {"mode": "s3"}}, s3Config=s3_config(moto_endpoint, bucket))
-    assert strict["error_code"] == ErrorCode.UPLOAD_FAILED.value and "local_upload" not in strict["error"]
-    auto = run_job(inputs, s3Config=s3_config(moto_endpoint, bucket))
-    assert auto["video_type"] == "base64" and "local_upload" not in auto["video"][:100]
-    assert not (_isolated_env / "local_upload").exists()  # the SDK's copy was removed
-
-
 def test_each_finished_segment_is_announced_with_its_url(make_runner, tmp_path: Path, moto_endpoint: str, bucket: str,
                                                          progress, face_jpg: bytes) -> None:
     from worker_support import voice_like, wav_bytes

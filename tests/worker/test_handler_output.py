@@ -187,13 +187,22 @@ def test_output_too_large_without_a_bucket(make_runner, make_settings, face_jpg:
         assert "s3Config" in result["error"] and "MB" in result["error"]
 
 
-def test_inline_limit_is_on_the_base64_size(make_runner, make_settings, face_jpg: bytes, short_wav: bytes) -> None:
-    size = len(video_bytes(make_runner(make_settings())({"image": b64(face_jpg), "audio": b64(short_wav), "seed": 5})))
-    base64_size = 4 * math.ceil(size / 3)
-    exact = make_runner(make_settings(inline_output_max_bytes=base64_size))
-    assert "error" not in exact({"image": b64(face_jpg), "audio": b64(short_wav), "seed": 5})
-    below = make_runner(make_settings(inline_output_max_bytes=base64_size - 1))
-    assert below({"image": b64(face_jpg), "audio": b64(short_wav), "seed": 5})["error_code"] == "OUTPUT_TOO_LARGE"
+def test_inline_limit_is_on_the_base64_size(make_runner, make_settings, face_jpg: bytes, short_wav: bytes,
+                                            tmp_path) -> None:
+    """The last check before an inline answer (the bitrate cap normally keeps videos well under it)."""
+    from hallo3_worker.errors import UserFacingError
+    from hallo3_worker.worker.delivery import deliver
+    from hallo3_worker.worker.schema import parse_job
+
+    video = tmp_path / "video.mp4"
+    video.write_bytes(video_bytes(make_runner(make_settings())({"image": b64(face_jpg), "audio": b64(short_wav)})))
+    base64_size = 4 * math.ceil(video.stat().st_size / 3)
+    exact = make_settings(inline_output_max_bytes=base64_size)
+    spec = parse_job({"id": "limit", "input": {"image": "x", "audio": "y"}}, exact)
+    assert deliver(video, spec, exact).video == b64(video.read_bytes())
+    with pytest.raises(UserFacingError) as below:
+        deliver(video, spec, make_settings(inline_output_max_bytes=base64_size - 1))
+    assert below.value.code is ErrorCode.OUTPUT_TOO_LARGE
 
 
 def test_progress_is_posted_per_segment_on_the_platform(make_runner, make_settings, progress, face_jpg: bytes,

@@ -7,13 +7,13 @@ Order for ``output.mode == "auto"``:
 3. inline base64 when the encoded text fits ``inline_output_max_bytes``;
 4. otherwise ``OUTPUT_TOO_LARGE``.
 
-When the video goes to a bucket, :func:`upload_segment` puts each finished segment there too (under
-``<job>/segments/``) as soon as it exists, so a caller can watch it before the job ends.
+When the video goes to a bucket, :class:`SegmentUploads` puts each finished segment there too (under
+``<job>/segments/``) as soon as it exists, so a caller can watch it before the job ends; after one
+failed segment upload it stops trying for that job, so a bucket that never answers costs the job one
+bounded wait there and one for the video.
 
-Uploads go through :func:`runpod.serverless.utils.rp_upload.upload_file_to_bucket` with explicit
-credentials, bucket name and ``ContentType: video/mp4``. That helper silently copies the file to a
-local ``local_upload/`` folder when it cannot build an S3 client; such a result is detected,
-removed, and never returned as if it were a URL.
+Uploads go through :class:`hallo3_worker.worker.bucket.BucketClient`, whose every request has
+connect and read timeouts and a bounded number of attempts (``HALLO3_BUCKET_*`` settings).
 """
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ import base64
 import dataclasses
 import logging
 import re
+import time
 from pathlib import Path
 
 from hallo3_worker.errors import ErrorCode, UserFacingError
 from hallo3_worker.settings import Settings
+from hallo3_worker.worker.bucket import BucketClient
 from hallo3_worker.worker.inputs import redact_url
 from hallo3_worker.worker.schema import JobSpec, OutputMode
 
 logger = logging.getLogger(__name__)
 
-CONTENT_TYPE = "video/mp4"
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -95,27 +96,50 @@ def deliver(video_path: Path, spec: JobSpec, settings: Settings) -> Delivered:
         if mode is OutputMode.S3:  # normally caught by the schema before any work
             raise DeliveryError(ErrorCode.BUCKET_NOT_CONFIGURED, "output.mode 's3' needs a bucket.")
         return _inline(video_path, settings, [])
+    client = BucketClient(bucket, settings)
     try:
         job_part = safe_key_part(spec.job_id)
-        return Delivered(_upload(video_path, spec.output.filename or f"{job_part}.mp4", job_part, bucket), "url")
+        return Delivered(_upload(client, video_path, spec.output.filename or f"{job_part}.mp4", job_part), "url")
     except _UploadFailed as err:
         if mode is OutputMode.S3 or inline_size(video_path.stat().st_size) > settings.inline_output_max_bytes:
             raise DeliveryError(ErrorCode.UPLOAD_FAILED, str(err)) from None
         return _inline(video_path, settings, [f"{err} The video is returned inline instead."])
+    finally:
+        client.close()
 
 
-def upload_segment(segment_path: Path, spec: JobSpec, settings: Settings) -> str | None:
-    """Upload one finished segment next to where the video will go; its presigned URL, or None.
+def goes_inline(spec: JobSpec, settings: Settings) -> bool:
+    """Whether the video will be returned inline (no bucket, or ``output.mode`` "base64")."""
+    return spec.output.mode is OutputMode.BASE64 or choose_bucket(spec, settings) is None
 
-    Only when the video itself goes to a bucket; a failed upload is logged and never fails the job.
+
+class SegmentUploads:
+    """One job's early segment uploads: next to where the video will go, only when that is a bucket.
+
+    A failed upload is logged and never fails the job; after the first failure the job's later
+    segments are not tried (the bucket is refusing or not answering; the video's own upload still is).
     """
-    bucket = None if spec.output.mode is OutputMode.BASE64 else choose_bucket(spec, settings)
-    if bucket is None:
-        return None
-    try:
-        return _upload(segment_path, segment_path.name, f"{safe_key_part(spec.job_id)}/segments", bucket)
-    except _UploadFailed:
-        return None
+
+    def __init__(self, spec: JobSpec, settings: Settings) -> None:
+        self.spec = spec
+        bucket = None if spec.output.mode is OutputMode.BASE64 else choose_bucket(spec, settings)
+        self.client = BucketClient(bucket, settings) if bucket is not None else None
+
+    def upload(self, segment_path: Path) -> str | None:
+        """The segment's presigned URL, or None (no bucket, or uploads failed)."""
+        if self.client is None:
+            return None
+        try:
+            return _upload(self.client, segment_path, segment_path.name, f"{safe_key_part(self.spec.job_id)}/segments")
+        except _UploadFailed:
+            logger.warning("Segment uploads stopped for this job after a failed upload")
+            self.close()
+            return None
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
 
 def _inline(video_path: Path, settings: Settings, warnings: list[str]) -> Delivered:
@@ -135,32 +159,26 @@ class _UploadFailed(Exception):
     pass
 
 
-def _upload(video_path: Path, filename: str, folder: str, bucket: Bucket) -> str:
-    """Upload as ``<bucket prefix>/<folder>/<filename>`` through the SDK and return the presigned URL;
-    raise ``_UploadFailed``."""
-    from runpod.serverless.utils import rp_upload  # the SDK import is slow; keep it lazy
-
-    prefix = "/".join(p for p in (bucket.prefix, folder) if p)
+def _upload(client: BucketClient, path: Path, filename: str, folder: str) -> str:
+    """Upload as ``<bucket prefix>/<folder>/<filename>`` and return the presigned URL; raise ``_UploadFailed``."""
+    bucket = client.bucket
+    key = "/".join(p for p in (bucket.prefix, folder, filename) if p)
     where = f"bucket '{bucket.bucket_name}' at {redact_url(bucket.endpoint_url, 60)}"
+    started = time.monotonic()
     try:
-        result = rp_upload.upload_file_to_bucket(
-            file_name=filename,
-            file_location=str(video_path),
-            bucket_creds=bucket.creds(),
-            bucket_name=bucket.bucket_name,
-            prefix=prefix,
-            extra_args={"ContentType": CONTENT_TYPE},
-        )
+        url = client.upload(path, key)
     except Exception as err:  # boto3/botocore raise many unrelated types
         reason = _describe_upload_error(err)
-        logger.warning("Upload to %s (%s) failed: %s", where, bucket.source, reason)
+        if any("Timeout" in kind.__name__ for kind in type(err).__mro__):
+            s = client.settings
+            reason += (f" (the bucket did not answer: {s.bucket_max_attempts} attempt(s), connect timeout "
+                       f"{s.bucket_connect_timeout_s:g} s, read timeout {s.bucket_read_timeout_s:g} s)")
+        logger.warning("Upload to %s (%s) failed after %.1f s: %s", where, bucket.source,
+                       time.monotonic() - started, reason)
         raise _UploadFailed(f"Uploading the video to {where} ({bucket.source}) failed: {reason}.") from None
-    if not isinstance(result, str) or not result.startswith(("https://", "http://")):
-        _remove_local_fallback(result)
-        logger.error("The SDK stored the video locally instead of uploading it to %s", where)
-        raise _UploadFailed(f"Uploading the video to {where} ({bucket.source}) failed: no S3 client could be made.")
-    logger.info("Uploaded the video to %s as %s/%s: %s", where, prefix, filename, redact_url(result))
-    return result
+    logger.info("Uploaded %s to %s as %s in %.1f s: %s", path.name, where, key, time.monotonic() - started,
+                redact_url(url))
+    return url
 
 
 def _describe_upload_error(err: Exception) -> str:
@@ -173,16 +191,3 @@ def _describe_upload_error(err: Exception) -> str:
     if cause is not None and getattr(cause, "response", None):
         return _describe_upload_error(cause)  # boto3 wraps ClientError in S3UploadFailedError
     return type(err).__name__
-
-
-def _remove_local_fallback(result: object) -> None:
-    """Delete the file the SDK's local fallback wrote (``local_upload/<name>``), and its folder if empty."""
-    if not isinstance(result, str) or not result:
-        return
-    path = Path(result).absolute()
-    try:
-        path.unlink(missing_ok=True)
-        if path.parent.name == "local_upload":
-            path.parent.rmdir()  # only succeeds when empty
-    except OSError:
-        pass

@@ -6,6 +6,8 @@ A media string is one of (checked in this order):
   (:func:`runpod.serverless.utils.rp_ssrf.safe_get`), which blocks private and link-local
   destinations (unless ``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS`` is set) and honours
   ``RUNPOD_MAX_DOWNLOAD_BYTES``; the body streams into the job folder under our own cap too.
+  The SDK bounds each wait (``timeout`` = connect and read timeout) but not the whole download, so
+  a server that trickles bytes could hold a job for ever: the download also has a deadline in all.
 * ``data:<type>;base64,<data>`` data URI; the declared type may be any token (or empty): the
   content decides what the file is.
 * an absolute path (starts with ``/``, at most 4096 characters, not the ``/9j/`` start of a base64
@@ -22,22 +24,25 @@ import base64
 import binascii
 import dataclasses
 import enum
+import errno
 import logging
 import os
 import re
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from hallo3_worker.errors import ErrorCode, InputError
 
 logger = logging.getLogger(__name__)
 
 MAX_PATH_CHARS = 4096
-DOWNLOAD_TRIES = 3  # attempts per URL when the connection fails or times out
+DOWNLOAD_TRIES = 3  # attempts per URL when the connection fails (a server that went silent is not retried)
 RETRY_DELAY_S = 0.5  # times the attempt number
 _CHUNK_BYTES = 1024 * 1024
 _DATA_URI_RE = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,=]+=[^;,]*)*)(?P<b64>;base64)?,", re.IGNORECASE)
@@ -101,15 +106,17 @@ def describe(value: str) -> str:
 
 
 def fetch_media(value: str, field: str, dest: Path, max_bytes: int, *, volume_root: Path,
-                timeout_s: float) -> FetchedMedia:
+                timeout_s: float, deadline_s: float | None = None) -> FetchedMedia:
     """Make the media string ``value`` of job field ``field`` a local file.
 
     ``dest`` is the file to write for URL and base64 sources (its folder must exist); a volume
-    path is checked and returned in place. Raises ``InputError`` for anything unusable.
+    path is checked and returned in place. A URL download waits at most ``timeout_s`` for any one
+    answer and takes at most ``deadline_s`` in all (retries included). Raises ``InputError`` for
+    anything unusable.
     """
     kind = classify(value)
     if kind is SourceKind.URL:
-        size = _download(value, field, dest, max_bytes, timeout_s)
+        size = _download(value, field, dest, max_bytes, timeout_s, deadline_s)
         return FetchedMedia(dest, kind, size)
     if kind is SourceKind.PATH:
         path = _volume_path(value, field, volume_root, max_bytes)
@@ -172,10 +179,22 @@ def _volume_path(value: str, field: str, volume_root: Path, max_bytes: int) -> P
     return path
 
 
-def _download(url: str, field: str, dest: Path, max_bytes: int, timeout_s: float) -> int:
+class _DeadlineExceeded(requests.Timeout):
+    """The download as a whole took longer than its deadline."""
+
+
+def _timed_out(err: BaseException) -> bool:
+    """Whether a requests error is a timeout; one in mid-body arrives as a ConnectionError around urllib3's."""
+    return isinstance(err, requests.Timeout) or any(isinstance(arg, urllib3.exceptions.TimeoutError)
+                                                    for arg in err.args)
+
+
+def _download(url: str, field: str, dest: Path, max_bytes: int, timeout_s: float,
+              deadline_s: float | None = None) -> int:
     """Stream ``url`` into ``dest`` through the SDK's SSRF guard; return the byte count.
 
-    Connection failures and timeouts are retried (``DOWNLOAD_TRIES`` in all); HTTP errors are not.
+    Connection failures are retried (``DOWNLOAD_TRIES`` in all) while the deadline allows; HTTP
+    errors and timeouts (a server that stopped answering) are not.
     """
     from runpod.serverless.utils import rp_ssrf  # the SDK import is slow; keep it lazy
 
@@ -183,13 +202,16 @@ def _download(url: str, field: str, dest: Path, max_bytes: int, timeout_s: float
     cap = min(max_bytes, rp_ssrf.max_download_bytes())
     if not url.lower().startswith(("http://", "https://")):
         raise InputError(ErrorCode.URL_NOT_ALLOWED, f"'{field}' URL must use http or https: {shown}")
+    started = time.monotonic()
+    deadline = started + (deadline_s if deadline_s is not None else DOWNLOAD_TRIES * timeout_s)
     try:
         for attempt in range(1, DOWNLOAD_TRIES + 1):
             try:
-                written = _download_once(url, dest, cap, timeout_s)
+                remaining = max(0.1, deadline - time.monotonic())
+                written = _download_once(url, dest, cap, min(timeout_s, remaining), deadline)
                 break
             except (requests.ConnectionError, requests.Timeout) as err:
-                if attempt == DOWNLOAD_TRIES:
+                if attempt == DOWNLOAD_TRIES or _timed_out(err) or time.monotonic() + RETRY_DELAY_S * attempt >= deadline:
                     raise
                 logger.info("Download of %s for '%s' failed (%s); retrying", shown, field, type(err).__name__)
                 time.sleep(RETRY_DELAY_S * attempt)
@@ -204,11 +226,17 @@ def _download(url: str, field: str, dest: Path, max_bytes: int, timeout_s: float
         ) from None
     except (requests.RequestException, OSError) as err:
         dest.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the worker's disk is full: not the URL's fault
         logger.warning("Download of %s for '%s' failed: %s", shown, field, type(err).__name__)
-        raise InputError(
-            ErrorCode.MEDIA_FETCH_FAILED,
-            f"Could not download '{field}' from {shown}: {_connection_problem(err, _host(url), timeout_s)}.",
-        ) from None
+        host = _host(url)
+        if isinstance(err, _DeadlineExceeded):
+            reason = f"the host {host} took longer than {deadline - started:g} s in all"
+        elif isinstance(err, requests.ConnectionError) and _timed_out(err):  # stalled in mid-body
+            reason = f"the host {host} sent nothing for {timeout_s:g} s"
+        else:
+            reason = _connection_problem(err, host, timeout_s)
+        raise InputError(ErrorCode.MEDIA_FETCH_FAILED, f"Could not download '{field}' from {shown}: {reason}.") from None
     if written == 0:
         dest.unlink(missing_ok=True)
         raise InputError(ErrorCode.MEDIA_FETCH_FAILED, f"'{field}' download from {shown} was empty.")
@@ -283,15 +311,38 @@ def _caused_by(err: BaseException, kind: type[BaseException], depth: int = 8) ->
     return False
 
 
-def _download_once(url: str, dest: Path, cap: int, timeout_s: float) -> int:
-    """One guarded GET of ``url`` streamed into ``dest`` (at most ``cap`` bytes); SDK/requests errors propagate."""
+def _download_once(url: str, dest: Path, cap: int, timeout_s: float, deadline: float | None = None) -> int:
+    """One guarded GET of ``url`` streamed into ``dest`` (at most ``cap`` bytes, until the monotonic
+    ``deadline``); SDK/requests errors propagate."""
     from runpod.serverless.utils import rp_download, rp_ssrf
 
     written = 0
     with rp_ssrf.safe_get(url, stream=True, timeout=timeout_s, headers=rp_download.HEADERS, max_bytes=cap) as response:
         response.raise_for_status()
         with open(dest, "wb") as out:
-            for chunk in rp_ssrf.iter_content_capped(response, _CHUNK_BYTES, cap):
-                out.write(chunk)
+            for chunk in _body(response, deadline):
                 written += len(chunk)
+                if written > cap:  # as rp_ssrf.iter_content_capped: a lying or absent Content-Length
+                    raise rp_ssrf.SSRFError(f"download exceeds size cap: >{cap} bytes")
+                out.write(chunk)
     return written
+
+
+def _body(response: requests.Response, deadline: float | None) -> Iterator[bytes]:
+    """The body as it arrives (each piece after at most one read, so a trickle cannot outlast the deadline).
+
+    urllib3's errors are raised as requests raises them from ``iter_content``.
+    """
+    try:
+        while chunk := response.raw.read1(_CHUNK_BYTES, decode_content=True):
+            if deadline is not None and time.monotonic() > deadline:
+                raise _DeadlineExceeded("the download passed its deadline")
+            yield chunk
+    except urllib3.exceptions.ProtocolError as err:
+        raise requests.exceptions.ChunkedEncodingError(err) from err
+    except urllib3.exceptions.DecodeError as err:
+        raise requests.exceptions.ContentDecodingError(err) from err
+    except urllib3.exceptions.ReadTimeoutError as err:
+        raise requests.ConnectionError(err) from err
+    except urllib3.exceptions.SSLError as err:
+        raise requests.exceptions.SSLError(err) from err

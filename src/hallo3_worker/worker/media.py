@@ -26,6 +26,11 @@ logger = logging.getLogger(__name__)
 _AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
 
 
+def audio_bit_rate(channels: int) -> int:
+    """The AAC target bitrate of the result's audio: mono 128 kbit/s, stereo 192 kbit/s."""
+    return 128_000 if channels == 1 else 192_000
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedVideo:
     path: Path
@@ -72,7 +77,7 @@ class _AudioTrack:
         self.rate = rate
         self.layout = layout
         self.stream = container.add_stream("aac", rate=rate, layout=layout)
-        self.stream.bit_rate = 128_000 if layout == "mono" else 192_000
+        self.stream.bit_rate = audio_bit_rate(1 if layout == "mono" else 2)
         self.position = 0  # samples already encoded
 
     def feed_until(self, seconds: float) -> None:
@@ -102,17 +107,25 @@ _X264_OPTIONS = {"mbtree": "0"}
 
 
 def encode_segment(frames: np.ndarray, fps: int, out_path: Path, *, first_frame: int = 0, crf: int = 18,
-                   preset: str = "medium") -> Path:
+                   preset: str = "medium", maxrate_bps: int | None = None, bufsize_bits: int | None = None) -> Path:
     """Encode one segment's RGB uint8 frames (N, H, W, 3) as its own closed group of pictures.
 
     ``out_path`` is a video-only MP4 that plays on its own; no encoder state crosses segments, so a
     segment encodes to the same bytes whenever it is encoded. ``first_frame`` is its place in the clip.
+    ``maxrate_bps`` and ``bufsize_bits`` cap the bitrate with x264's VBV on top of the CRF (both or neither).
     """
     frames = _even(frames)
+    options = {"crf": str(crf), "preset": preset, **_X264_OPTIONS}
+    if maxrate_bps is not None:
+        if bufsize_bits is None:
+            raise ValueError("a VBV maxrate needs a bufsize")
+        # x264's VBV with several threads (sliced or frame) gives different bytes from run to run; one
+        # thread keeps a seed's file identical (a 47-frame segment encodes in about a second).
+        options.update(maxrate=str(int(maxrate_bps)), bufsize=str(int(bufsize_bits)), threads="1")
     with av.open(str(out_path), "w", format="mp4") as container:
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        video.options = {"crf": str(crf), "preset": preset, **_X264_OPTIONS}
+        video.options = options
         for index, picture in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
             frame.pts = first_frame + index

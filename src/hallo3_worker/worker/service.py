@@ -5,13 +5,14 @@ is the Runpod handler: the job runs in a worker thread (``asyncio.to_thread``) s
 stays free for the SDK's stop signals, and a cancelled task sets the job's cancel event, which the
 pipeline checks between segments.
 
-One job goes through: schema check -> fetch media -> decode and check them once -> ``pipeline.prepare`` ->
+One job goes through: schema check -> fetch media -> decode and check them once -> the output plan
+(inline bitrate cap or ``OUTPUT_TOO_LARGE``, free disk space; :mod:`.budget`) -> ``pipeline.prepare`` ->
 ``pipeline.generate``, each segment's frames encoded as they arrive -> the segments joined with the
 original audio (no second encode) -> delivery. Every failure becomes
 ``{"error": <sentence>, "error_code": <code>}`` (plus ``"refresh_worker": true`` after GPU
-faults); tracebacks only go to the log. The job's temporary folder is removed in every case; at
-start-up only the folders of processes that have ended are removed (:mod:`.job_dirs`), so several
-workers can share a work dir.
+faults and on a full disk); tracebacks only go to the log. The job's temporary folder is removed in
+every case; at start-up only the folders of processes that have ended are removed (:mod:`.job_dirs`),
+so several workers can share a work dir.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ from hallo3_worker.interface import (
 )
 from hallo3_worker.settings import Settings, load_settings
 from hallo3_worker.timing import timed
-from hallo3_worker.worker import job_dirs, job_state, media
-from hallo3_worker.worker.delivery import deliver, safe_key_part, upload_segment
+from hallo3_worker.worker import budget, job_dirs, job_state, media
+from hallo3_worker.worker.delivery import SegmentUploads, deliver, goes_inline, safe_key_part
 from hallo3_worker.worker.inputs import describe, fetch_media
 from hallo3_worker.worker.runtime import TINY_MODEL_WARNING, configure_logging, input_limits, load_pipeline
 from hallo3_worker.worker.schema import JobSpec, parse_job
@@ -118,6 +119,10 @@ class Worker:
             logger.info("Job %s: cancelled", ref)
             return {"error": "The job was cancelled.", "error_code": ErrorCode.CANCELLED.value}
         except Exception as err:  # the last line of defence: log everything, return little
+            disk_full = budget.disk_full_error(err, self.settings)
+            if disk_full is not None:
+                logger.error("Job %s: %s", ref, disk_full.message, exc_info=err)
+                return disk_full.to_response()
             return _failure_response(err, ref)
 
     def _run(self, job: Mapping[str, Any], cancel: threading.Event, job_dir: Path, started: float) -> dict[str, Any]:
@@ -134,16 +139,24 @@ class Worker:
         report.stage("fetch")
         with timed(timings, "fetch"):
             image = fetch_media(spec.image, "image", job_dir / "image.bin", self.settings.max_image_bytes,
-                                volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s)
+                                volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s,
+                                deadline_s=self.settings.download_deadline_s)
             audio = fetch_media(spec.audio, "audio", job_dir / "audio.bin", self.settings.max_audio_bytes,
-                                volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s)
+                                volume_root=self.settings.volume_root, timeout_s=self.settings.download_timeout_s,
+                                deadline_s=self.settings.download_deadline_s)
         raise_if_cancelled(cancel)
 
         with timed(timings, "validate"):  # the one decode of both files; prepare and the mux use it
             inputs = decode_inputs(image.path, audio.path, input_limits(self.settings), spec.max_duration_s)
+            # Known from the clip's length alone: the inline bitrate cap (or OUTPUT_TOO_LARGE) and the disk.
+            plan = budget.plan_output(inputs.audio.duration_s, inputs.audio.channels,
+                                      goes_inline(spec, self.settings), self.settings)
+            budget.check_free_space(plan, self.settings)
+        if plan.warning is not None:
+            warnings.append(plan.warning)
         raise_if_cancelled(cancel)
 
-        state, saved = self._claim_state(job, spec, [image.path, audio.path])
+        state, saved = self._claim_state(job, spec, [image.path, audio.path], plan)
         if saved is not None:
             spec = dataclasses.replace(spec, seed=saved.seed)  # a drawn seed is part of what was saved
             report.extra["resumed_from_segment"] = saved.next_segment + 1
@@ -163,13 +176,14 @@ class Worker:
             work_dir=job_dir,
             inputs=inputs,
         )
-        with self._pipeline_lock:
+        uploads = SegmentUploads(spec, self.settings)
+        with self._pipeline_lock, contextlib.closing(uploads):
             report.stage("prepare")
             with timed(timings, "prepare"):
                 prepared = self.pipeline.prepare(request)
             raise_if_cancelled(cancel)
             encoder = _SegmentEncoder(job_dir / "segments", prepared.fps, self.settings, timings, spec.seed, state,
-                                      saved, ready=functools.partial(self._segment_ready, spec, report))
+                                      saved, ready=functools.partial(self._segment_ready, uploads, report), plan=plan)
             with timed(timings, "generate"):
                 try:
                     result = self.pipeline.generate(prepared, progress=report.pipeline, cancel=cancel,
@@ -213,14 +227,14 @@ class Worker:
             "warnings": _unique(warnings + prepared.warnings + result.warnings + delivered.warnings),
         }
 
-    def _segment_ready(self, spec: JobSpec, report: _ProgressReporter, path: Path, done: SegmentOutput,
+    def _segment_ready(self, uploads: SegmentUploads, report: _ProgressReporter, path: Path, done: SegmentOutput,
                        start_s: float, duration_s: float) -> None:
         """Hand a finished segment on early when the video goes to a bucket: uploaded, its URL in a progress update."""
-        url = upload_segment(path, spec, self.settings)
+        url = uploads.upload(path)
         if url is not None:
             report.segment_ready(done.segment, done.num_segments, url, start_s, duration_s)
 
-    def _claim_state(self, job: Mapping[str, Any], spec: JobSpec, files: list[Path]
+    def _claim_state(self, job: Mapping[str, Any], spec: JobSpec, files: list[Path], plan: budget.OutputPlan
                      ) -> tuple[job_state.JobState | None, job_state.SavedProgress | None]:
         """This job's state folder and what it saved before, when saving is on (``HALLO3_JOB_STATE_DIR``)."""
         s = self.settings
@@ -231,6 +245,7 @@ class Worker:
         fields = {"prompt": spec.prompt, "seed": given_seed, "steps": spec.steps, "guidance": spec.guidance,
                   "framing": spec.framing.value, "separate_vocals": spec.separate_vocals,
                   "max_duration_s": spec.max_duration_s, "crf": s.video_crf, "preset": s.video_preset,
+                  "vbv": [plan.maxrate_bps, plan.bufsize_bits],
                   "speed": [spec.preset.value, spec.cache_threshold, spec.cfg_fraction],
                   "model": str(s.weights_dir) if s.weights_dir else "tiny", "format": job_state.FORMAT}
         digest = job_state.input_digest(files, fields)
@@ -264,22 +279,28 @@ class _SegmentEncoder:
 
     def __init__(self, folder: Path, fps: int, settings: Settings, timings: dict[str, float], seed: int,
                  state: job_state.JobState | None, saved: job_state.SavedProgress | None,
-                 ready: Callable[[Path, SegmentOutput, float, float], None] | None = None) -> None:
+                 ready: Callable[[Path, SegmentOutput, float, float], None] | None = None,
+                 plan: budget.OutputPlan | None = None) -> None:
         self.folder = state.folder if state is not None else folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.fps, self.settings, self.timings, self.seed, self.state = fps, settings, timings, seed, state
         self.segments: list[Path] = list(saved.segments) if saved else []
         self.frames = saved.frames if saved else 0
         self.ready = ready  # called with (segment file, segment, start s, duration s) once it is encoded and saved
+        self.vbv = (plan.maxrate_bps, plan.bufsize_bits) if plan is not None else (None, None)  # the inline cap
 
     def encode(self, done: SegmentOutput) -> None:
         frames = _checked_frames(done.frames)
         started = time.perf_counter()
         path = self.folder / f"segment_{done.segment:05d}.mp4"
         partial = path.with_name(f".{path.name}.partial")
-        media.encode_segment(frames, self.fps, partial, first_frame=self.frames, crf=self.settings.video_crf,
-                             preset=self.settings.video_preset)
-        partial.replace(path)
+        try:
+            media.encode_segment(frames, self.fps, partial, first_frame=self.frames, crf=self.settings.video_crf,
+                                 preset=self.settings.video_preset, maxrate_bps=self.vbv[0], bufsize_bits=self.vbv[1])
+            partial.replace(path)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # a full disk leaves no half-written segment behind
+            raise
         self.segments.append(path)
         self.frames += len(frames)
         if self.state is not None:
