@@ -33,4 +33,4 @@ bench: setup
 	$(PY) scripts/bench_speedups.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache .rehearsal

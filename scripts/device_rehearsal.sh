@@ -67,6 +67,8 @@ echo "gpu_check.sh --dry-run passed in $((SECONDS - started)) s; report in $dir/
 started=$SECONDS
 PYTHONPATH="$site:$PWD/src" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
     tests/models/test_golden_denoiser.py tests/models/test_vae.py tests/test_golden_pipeline.py \
-    tests/conditioning/test_audio.py tests/conditioning/test_image.py tests/test_tiny_face.py \
-    tests/conditioning/test_tiny_assets.py tests/test_scripts.py
+    tests/conditioning/test_audio_features.py tests/conditioning/test_image.py tests/test_tiny_face.py \
+    tests/conditioning/test_tiny_assets.py tests/test_sampling.py tests/test_travel.py \
+    tests/test_scripts.py::test_gpu_check_imports_and_runs_a_job_without_the_media_packages \
+    tests/test_scripts.py::test_a_failing_section_is_recorded_and_the_next_one_runs
 echo "golden tests on the GPU machine's stack passed in $((SECONDS - started)) s"

@@ -64,9 +64,16 @@ _UNDECODABLE_AUDIO = "The audio could not be decoded; send WAV, MP3, FLAC, OGG o
 
 @functools.cache
 def _register_heif() -> None:
-    """HEIC/HEIF for ``Image.open`` (libheif applies the photo's rotation); loaded with the first image."""
-    import pillow_heif
+    """HEIC/HEIF for ``Image.open`` (libheif applies the photo's rotation); loaded with the first image.
 
+    pillow-heif is a pinned dependency of the worker; a stack without it (a bare GPU machine running
+    the GPU check) still decodes every other format, and says once that HEIC cannot be.
+    """
+    try:
+        import pillow_heif
+    except ModuleNotFoundError:
+        logger.warning("pillow-heif is not installed: HEIC/HEIF photos cannot be decoded here")
+        return
     pillow_heif.register_heif_opener()
 
 
