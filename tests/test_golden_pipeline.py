@@ -26,7 +26,7 @@ from torch import nn
 
 from hallo3_worker.conditioning.audio import AudioFeatures, segment_audio_chunk
 from hallo3_worker.conditioning.face import FaceAnalysisResult, FaceRegion
-from hallo3_worker.interface import Framing, GenerationRequest
+from hallo3_worker.interface import DecodedAudio, DecodedImage, DecodedInputs, Framing, GenerationRequest
 from hallo3_worker.models import checkpoint as ck
 from hallo3_worker.models.audio_proj import AudioProjConfig
 from hallo3_worker.models.cpu_speedups import use_onednn_conv3d
@@ -181,8 +181,15 @@ def run(tmp_path_factory):
     Image.fromarray(astronaut()).save(image)
     speech = Path(__file__).resolve().parent / "goldens" / "audio"
     wav = next(speech.glob("*.wav"))
+    # The media as the worker hands them over decoded (upstream read the PNG and this WAV; the
+    # decoders agree with these readers: tests/conditioning/test_audio.py and test_image.py).
+    samples, rate = golden_recipes.read_pcm16_wav(wav)
+    decoded = DecodedInputs(image=DecodedImage(rgb=np.asarray(Image.open(image).convert("RGB")), format="PNG",
+                                               mode="RGB"),
+                            audio=DecodedAudio(samples=samples[None, :], sample_rate=rate))
     request = GenerationRequest(image_path=image, audio_path=wav, prompt="unused", seed=0, steps=STEPS,
-                                guidance=3.5, framing=Framing.UPSTREAM, separate_vocals=False, work_dir=work)
+                                guidance=3.5, framing=Framing.UPSTREAM, separate_vocals=False, work_dir=work,
+                                inputs=decoded)
     job = pipeline.prepare(request)
     streams = UpstreamStreams(_load("rng"), STEPS)
     result = pipeline.generate(job, noise=streams)

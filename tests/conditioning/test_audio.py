@@ -241,7 +241,9 @@ def test_speech_to_16k_rejects_separation_without_vocals(tmp_path: Path) -> None
 
 
 def test_the_golden_speech_decodes_as_the_stdlib_reads_it() -> None:
-    """test_audio_features.py reads the goldens' speech with the standard library; the worker's decode agrees."""
-    from test_audio_features import read_pcm16_wav
+    """The golden tests read the goldens' speech with the standard library; the worker's decode agrees."""
+    from golden_recipes import read_pcm16_wav
 
-    np.testing.assert_array_equal(A.mix_to_16k(D.decode_audio(SPEECH_WAV)), read_pcm16_wav(SPEECH_WAV))
+    speech, rate = read_pcm16_wav(SPEECH_WAV)
+    np.testing.assert_array_equal(A.mix_to_16k(D.decode_audio(SPEECH_WAV)), speech)
+    assert rate == A.SAMPLE_RATE

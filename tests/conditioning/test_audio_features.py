@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-import wave
 from pathlib import Path
 
+import golden_recipes
 import numpy as np
 import pytest
 import torch
@@ -29,14 +29,6 @@ FEATURE_REL_TOL = 1e-4  # max |ours - upstream| / max |upstream|
 SDPA_EAGER_ABS_TOL = 1e-5  # observed ~6e-7 on the tiny model
 
 
-def read_pcm16_wav(path: Path) -> np.ndarray:
-    """A mono 16-bit WAV as float32 (n,), read as libsndfile and librosa read it (x / 32768)."""
-    with wave.open(str(path)) as wav:
-        assert wav.getsampwidth() == 2 and wav.getnchannels() == 1 and wav.getframerate() == A.SAMPLE_RATE
-        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
-    return (pcm.astype(np.float32) / 32768.0).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def golden() -> dict[str, torch.Tensor]:
     return load_file(str(GOLDEN / "upstream_audio.safetensors"))
@@ -49,7 +41,9 @@ def golden_meta() -> dict:
 
 @pytest.fixture(scope="module")
 def speech_16k() -> np.ndarray:
-    return read_pcm16_wav(SPEECH_WAV)
+    speech, rate = golden_recipes.read_pcm16_wav(SPEECH_WAV)
+    assert rate == A.SAMPLE_RATE
+    return speech
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import wave
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -131,3 +133,15 @@ def upstream_step_noise(tables: dict[str, torch.Tensor]) -> torch.Tensor:
     if used.shape[0] != 49:
         raise AssertionError(f"expected 49 added noises, rebuilt {used.shape[0]}")
     return used
+
+
+def read_pcm16_wav(path: Path) -> tuple[np.ndarray, int]:
+    """A mono 16-bit WAV as float32 (n,) and its rate, read as libsndfile and librosa read it (x / 32768).
+
+    The standard library's reader, so tests of the goldens run where PyAV and soundfile are not installed.
+    """
+    with wave.open(str(path)) as wav:
+        if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
+            raise ValueError(f"{path} is not mono 16-bit PCM")
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+        return (pcm.astype(np.float32) / 32768.0).astype(np.float32), wav.getframerate()
