@@ -11,9 +11,10 @@
 #       mounted as a BuildKit secret, never stored in a layer).
 #
 # CUDA: two flavours, picked with --build-arg CUDA_FLAVOUR=...
-#   cu130 (default): torch==2.15.0's default Linux wheel on PyPI, a CUDA 13.0 build that brings its own
-#       CUDA user-space libraries (cuda-toolkit 13.0.x, nvidia-cudnn-cu13), and onnxruntime-gpu 1.31.1
-#       (CUDA 13). Hosts need a driver that supports CUDA 13 (R580 or newer).
+#   cu130 (default): torch==2.15.0's default Linux wheel on PyPI, a CUDA 13 build that brings its own
+#       CUDA user-space libraries (cuda-toolkit 13.2.2, nvidia-cudnn-cu13; they run on CUDA 13.0
+#       drivers through CUDA's minor-version compatibility), and onnxruntime-gpu 1.31.1 (CUDA 13).
+#       Hosts need a driver that supports CUDA 13 (R580 or newer).
 #   cu128: the same torch release as PyTorch's own CUDA 12.8 wheels (torch==2.15.0+cu128 from
 #       https://download.pytorch.org/whl/cu128) and onnxruntime-gpu 1.26.0, the newest release on PyPI
 #       built for CUDA 12. Hosts need a driver that supports CUDA 12.8 (R570 or newer).
