@@ -10,7 +10,7 @@ PACKAGE = REPO / "src" / "hallo3_worker"
 
 #: Top-level parts of hallo3_worker, lowest first. A part may import only parts of a lower layer.
 LAYERS = [
-    {"errors", "settings", "timing", "interface"},
+    {"errors", "settings", "timing", "interface", "lazy"},
     {"models", "sampling"},
     {"conditioning", "weights", "denoiser"},
     {"memory", "fitness", "presets", "parallel"},

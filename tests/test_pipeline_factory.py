@@ -305,6 +305,6 @@ def test_handler_main_checks_fitness_before_loading_the_model(tmp_path: Path, mo
     monkeypatch.setattr(handler, "create_worker", must_not_run)
     monkeypatch.setattr(runpod.serverless, "start", must_not_run)
     with pytest.raises(SystemExit, match="holds no Hallo3 weights"):
-        handler.main()
+        handler.main([])  # no options (pytest's own command line is not the handler's)
     assert handler._worker is None
     sys.modules.pop("handler", None)
