@@ -10,20 +10,37 @@
 #       more image; the token is optional because the repository is public, and is only ever
 #       mounted as a BuildKit secret, never stored in a layer).
 #
-# CUDA: torch==2.13.0's default Linux wheel on PyPI depends on cuda-toolkit 13.0.3 and
-# nvidia-cudnn-cu13, i.e. it is a CUDA 13.0 build that brings its own CUDA user-space libraries.
-# The base is therefore NVIDIA's CUDA 13.0 "base" image (driver capabilities and the
+# CUDA: two flavours, picked with --build-arg CUDA_FLAVOUR=...
+#   cu130 (default): torch==2.15.0's default Linux wheel on PyPI, a CUDA 13 build that brings its own
+#       CUDA user-space libraries (cuda-toolkit 13.2.2, nvidia-cudnn-cu13; they run on CUDA 13.0
+#       drivers through CUDA's minor-version compatibility), and onnxruntime-gpu 1.31.1 (CUDA 13).
+#       Hosts need a driver that supports CUDA 13 (R580 or newer).
+#   cu128: the same torch release as PyTorch's own CUDA 12.8 wheels (torch==2.15.0+cu128 from
+#       https://download.pytorch.org/whl/cu128) and onnxruntime-gpu 1.26.0, the newest release on PyPI
+#       built for CUDA 12. Hosts need a driver that supports CUDA 12.8 (R570 or newer).
+#   docker build --build-arg CUDA_FLAVOUR=cu128 -t hallo3-worker:cu128 .
+# Each flavour's base is NVIDIA's CUDA "base" image of that version (driver capabilities and the
 # NVIDIA_REQUIRE_CUDA check; the "runtime" flavour would duplicate ~3 GB of libraries the wheels
-# already ship). Hosts need a driver that supports CUDA 13 (R580 or newer).
+# already ship), and it sets RUNPOD_MIN_CUDA_VERSION so that the SDK's start-up check rejects a host
+# whose driver is too old for it.
 #
 # Start-up: loading ~40 GB of weights can pass Runpod's 7-minute cold-start limit on a network
 # volume. Set RUNPOD_INIT_TIMEOUT (seconds, e.g. 900) on the endpoint in that case.
 
-ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
+ARG CUDA_FLAVOUR=cu130
 ARG WEIGHTS_MODE=volume
 
+# ---- the CUDA flavours: base image and the lowest CUDA version the host driver must support ---------
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04 AS cuda-cu130
+ENV RUNPOD_MIN_CUDA_VERSION=13.0
+
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04 AS cuda-cu128
+ENV RUNPOD_MIN_CUDA_VERSION=12.8
+
 # ---- base: Python 3.11 (deadsnakes; Ubuntu 24.04 ships 3.12) and the system libraries --------------
-FROM ${CUDA_IMAGE} AS base
+# cuda-${CUDA_FLAVOUR} is one of the two stages above, not a registry image (DL3006 does not apply).
+# hadolint ignore=DL3006
+FROM cuda-${CUDA_FLAVOUR} AS base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -44,6 +61,7 @@ RUN apt-get update \
 
 # ---- deps: build the virtual environment (compilers stay in this stage) ---------------------------
 FROM base AS deps
+ARG CUDA_FLAVOUR
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential python3.11-dev \
@@ -51,13 +69,19 @@ RUN apt-get update \
 RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
-COPY requirements.txt requirements-nodeps.txt constraints.txt builder/requirements-image.txt ./
-# Same order as the Makefile: torch first (pinned by constraints.txt), then the pinned set with the
-# CPU onnxruntime swapped for onnxruntime-gpu, then the --no-deps packages.
-RUN pip install pip==25.3 \
- && pip install -c constraints.txt torch \
+COPY requirements.txt requirements-nodeps.txt constraints.txt builder/requirements-image*.txt ./
+# Same order as the Makefile: torch first (pinned by constraints.txt; the cu128 flavour takes it from
+# PyTorch's CUDA 12.8 index, whose 2.15.0+cu128 satisfies the pin), then the pinned set with the CPU
+# onnxruntime swapped for the flavour's onnxruntime-gpu, then the --no-deps packages.
+RUN case "$CUDA_FLAVOUR" in \
+        cu130) torch_index=https://pypi.org/simple ;; \
+        cu128) torch_index=https://download.pytorch.org/whl/cu128 ;; \
+        *) echo "CUDA_FLAVOUR must be cu130 or cu128, not '$CUDA_FLAVOUR'" >&2; exit 1 ;; \
+    esac \
+ && pip install pip==26.3 \
+ && pip install --index-url "$torch_index" -c constraints.txt torch \
  && grep -v -E '^onnxruntime==' requirements.txt > requirements-gpu.txt \
- && pip install -c constraints.txt -r requirements-gpu.txt -r requirements-image.txt \
+ && pip install -c constraints.txt -r requirements-gpu.txt -r requirements-image.txt -r "requirements-image-$CUDA_FLAVOUR.txt" \
  && pip install -c constraints.txt --no-deps -r requirements-nodeps.txt
 COPY pyproject.toml ./
 COPY src ./src
@@ -66,13 +90,11 @@ RUN pip install --no-deps .
 # ---- runtime: the worker without weights ------------------------------------------------------------
 FROM base AS runtime
 COPY --from=deps /opt/venv /opt/venv
-# HF_HUB_OFFLINE: the worker only reads local weights. RUNPOD_MIN_CUDA_VERSION: the SDK's start-up
-# system check then rejects hosts whose driver cannot run this CUDA 13 build. Expandable segments
-# reduce fragmentation-driven OOMs over many jobs.
+# HF_HUB_OFFLINE: the worker only reads local weights (RUNPOD_MIN_CUDA_VERSION comes from the flavour's
+# stage). Expandable segments reduce fragmentation-driven OOMs over many jobs.
 ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
-    RUNPOD_MIN_CUDA_VERSION=13.0 \
     PYTORCH_ALLOC_CONF=expandable_segments:True
 WORKDIR /app
 COPY handler.py test_input.json ./

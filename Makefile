@@ -14,9 +14,12 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
+# pip's constraint file is constraints.txt alone: a constraint file named in the machine's pip
+# configuration (a cap on torch, say) would otherwise be added to it and could make the pins unresolvable.
+$(STAMP): export PIP_CONSTRAINT := constraints.txt
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip==25.3
+	$(PIP) install --quiet --upgrade pip==26.3
 	$(PIP) install --quiet -c constraints.txt torch
 	$(PIP) install --quiet -c constraints.txt -r requirements.txt -r requirements-dev.txt
 	$(PIP) install --quiet -c constraints.txt --no-deps -r requirements-nodeps.txt

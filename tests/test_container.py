@@ -43,13 +43,50 @@ def _instructions() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+def _flavour_stages() -> dict[str, tuple[str, str]]:
+    """CUDA flavour -> (its base image, its RUNPOD_MIN_CUDA_VERSION), read from the cuda-<flavour> stages."""
+    lines = _instructions()
+    stages = {}
+    for i, line in enumerate(lines):
+        found = re.fullmatch(r"FROM (\S+) AS cuda-(\w+)", line)
+        if found:
+            (env,) = [e for e in lines[i + 1 :] if e.startswith("ENV RUNPOD_MIN_CUDA_VERSION=")][:1]
+            stages[found.group(2)] = (found.group(1), env.split("=", 1)[1])
+    return stages
+
+
 def test_base_image_matches_the_torch_wheels_cuda_major() -> None:
-    # torch==2.13.0's default Linux wheel requires cuda-toolkit 13.0.x (checked with a pip dry run on
-    # the wheel metadata); a different pin needs a new look at the base image.
-    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text().split()
-    (arg,) = [i for i in _instructions() if i.startswith("ARG CUDA_IMAGE=")]
-    assert re.fullmatch(r"ARG CUDA_IMAGE=nvidia/cuda:13\.0\.\d+-(base|runtime)-ubuntu\d\d\.\d\d", arg), arg
-    assert "onnxruntime-gpu[cuda,cudnn]==1.31.1" in (ROOT / "builder" / "requirements-image.txt").read_text()
+    # torch==2.15.0's default Linux wheel requires cuda-toolkit 13.2.2 (read from the wheel's metadata),
+    # a CUDA 13 build that runs on CUDA 13.0 drivers (minor-version compatibility); the cu128 flavour
+    # takes the same release from PyTorch's CUDA 12.8 index.
+    # A different pin needs a new look at both base images and both onnxruntime-gpu pins.
+    assert "torch==2.15.0" in (ROOT / "constraints.txt").read_text().split()
+    stages = _flavour_stages()
+    assert set(stages) == {"cu130", "cu128"}
+    assert "ARG CUDA_FLAVOUR=cu130" in _instructions()  # the default stays the CUDA 13 PyPI build
+    assert re.fullmatch(r"nvidia/cuda:13\.0\.\d+-(base|runtime)-ubuntu24\.04", stages["cu130"][0]), stages
+    assert re.fullmatch(r"nvidia/cuda:12\.8\.\d+-(base|runtime)-ubuntu24\.04", stages["cu128"][0]), stages
+    assert stages["cu130"][1] == "13.0" and stages["cu128"][1] == "12.8"
+    assert any("FROM cuda-${CUDA_FLAVOUR} AS base" == line for line in _instructions())
+    builder = ROOT / "builder"
+    assert "onnxruntime-gpu[cuda,cudnn]==1.31.1" in (builder / "requirements-image-cu130.txt").read_text().split()
+    assert "onnxruntime-gpu[cuda,cudnn]==1.26.0" in (builder / "requirements-image-cu128.txt").read_text().split()
+    shared = [line for line in (builder / "requirements-image.txt").read_text().splitlines() if not line.startswith("#")]
+    assert shared and not any("onnxruntime" in line for line in shared)  # one onnxruntime-gpu per flavour
+    install = " ".join(line for line in _instructions() if "pip install" in line)
+    assert "https://download.pytorch.org/whl/cu128" in install
+    assert '-r "requirements-image-$CUDA_FLAVOUR.txt"' in install
+
+
+def _cuda(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def test_deploy_guide_names_each_flavours_cuda_versions() -> None:
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    for flavour, (_, minimum) in _flavour_stages().items():
+        assert f"CUDA_FLAVOUR={flavour}" in guide or flavour == "cu130", flavour
+        assert f"{minimum} and newer" in guide, minimum
 
 
 def test_dockerfile_structure() -> None:
@@ -87,7 +124,10 @@ def test_hub_json_has_the_required_fields() -> None:
     assert config["runsOn"] == "GPU" and config["gpuCount"] == 1
     assert isinstance(config["containerDiskInGb"], int) and config["containerDiskInGb"] >= 30
     assert set(config["gpuIds"].split(",")) == {"AMPERE_80", "ADA_80_PRO", "HOPPER_141"}
-    assert all(v.startswith("13.") for v in config["allowedCudaVersions"])
+    # The Hub builds the Dockerfile's default flavour: its CUDA versions are those it can run on.
+    default_min = _flavour_stages()["cu130"][1]
+    assert config["allowedCudaVersions"] and all(_cuda(v) >= _cuda(default_min) for v in config["allowedCudaVersions"])
+    assert {"key": "RUNPOD_MIN_CUDA_VERSION", "value": default_min} in config["env"]
     keys = [e["key"] for e in config["env"]]
     assert len(keys) == len(set(keys))
     assert {"BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME", "HALLO3_WEIGHTS_DIR"} <= set(keys)
@@ -112,4 +152,4 @@ def test_tests_json_is_a_valid_short_job() -> None:
     assert config["gpuTypeId"] and config["gpuCount"] == 1
     env = {e["key"]: e["value"] for e in config["env"]}
     assert env.get("HALLO3_WEIGHTS_DIR") == ""  # the Hub test runs the built-in tiny model
-    assert all(v.startswith("13.") for v in config["allowedCudaVersions"])
+    assert all(_cuda(v) >= _cuda(_flavour_stages()["cu130"][1]) for v in config["allowedCudaVersions"])

@@ -62,7 +62,7 @@ GPU_COMPONENTS: tuple[str, ...] = (hw.TRANSFORMER, hw.REFERENCE_NET, hw.VAE, "te
 #: ``denoise_chunked`` is the guided step with FULL_OFFLOAD_FEED_FORWARD_CHUNK-token MLP slices.
 STAGE_ACTIVATION_BYTES: dict[str, int] = {
     "audio": 786_427_904,
-    "text": 50_337_892,
+    "text": 32_457_216,  # transformers 5's T5 (50_337_892 with transformers 4.57)
     "reference": 1_839_974_400,
     "denoise": 3_290_333_184,
     "denoise_chunked": 2_402_067_456,

@@ -37,7 +37,7 @@ from hallo3_worker.conditioning.face import (
 from hallo3_worker.errors import ErrorCode, InputError
 from hallo3_worker.interface import Framing
 
-# insightface 0.7.3's face_align calls a scikit-image API deprecated in 0.26
+# insightface's face_align (2.1 as 0.7.3) calls a scikit-image API deprecated in 0.26
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
 
 GOLDENS = Path(__file__).resolve().parents[1] / "goldens" / "vision"

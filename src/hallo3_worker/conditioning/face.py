@@ -173,7 +173,7 @@ def onnx_providers(prefer_gpu: bool = True) -> list[str]:
 
 
 def _resolve_face_analysis_root(path: Path) -> Path:
-    """insightface's ``FaceAnalysis(name="", root=R)`` loads ``R/models/*.onnx``; accept R or R/models."""
+    """The face_analysis folder R whose ``R/models/*.onnx`` insightface loads; accept R or R/models."""
     if (path / "models").is_dir():
         return path
     if path.name == "models" and path.is_dir():
@@ -209,9 +209,10 @@ class FaceEmbedder:
             raise FileNotFoundError(f"no *.onnx face-analysis models in {root / 'models'}")
         self.providers = list(providers) if providers is not None else onnx_providers()
         ctx_id = 0 if "CUDAExecutionProvider" in self.providers else -1
-        chatter = io.StringIO()  # insightface reports what it loads with print()
+        chatter = io.StringIO()  # insightface reports what it loads on stdout (older releases with print())
         with contextlib.redirect_stdout(chatter):
-            self._analysis: Any = FaceAnalysis(name="", root=str(root), providers=self.providers)
+            # insightface 2 takes the folder of .onnx files as ``name`` (an empty name means the cwd)
+            self._analysis: Any = FaceAnalysis(name=str(root / "models"), providers=self.providers)
             if "recognition" not in self._analysis.models:
                 raise ValueError(f"no face-recognition (ArcFace) model among {[p.name for p in onnx_files]}")
             self._analysis.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=tuple(det_size))

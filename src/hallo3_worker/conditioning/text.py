@@ -1,7 +1,8 @@
 """Prompt -> T5 encoder states, as Hallo3's ``FrozenT5Embedder`` computes them.
 
 Upstream (``hallo3/sgm/modules/encoders/modules.py:235-282``): ``T5Tokenizer`` +
-``T5EncoderModel`` from a local folder, tokenised with ``truncation=True, max_length=226,
+``T5EncoderModel`` from a local folder (transformers 5 has one ``T5Tokenizer``, backed by
+``tokenizers`` and built from the folder's ``spiece.model``; its ids are SentencePiece's own), tokenised with ``truncation=True, max_length=226,
 padding="max_length"`` (EOS appended, pad id 0), encoded with **no attention mask** (pad
 positions take part in attention), output ``last_hidden_state`` of shape (1, 226, d_model).
 The negative prompt is ``""`` and its embedding is replaced by zeros
@@ -15,7 +16,7 @@ import logging
 import os
 
 import torch
-from transformers import T5EncoderModel, T5Tokenizer, T5TokenizerFast
+from transformers import T5EncoderModel, T5Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class T5TextEncoder:
     def __init__(
         self,
         model: T5EncoderModel,
-        tokenizer: T5Tokenizer | T5TokenizerFast,
+        tokenizer: T5Tokenizer,
         *,
         max_length: int = MAX_TEXT_TOKENS,
     ) -> None:
@@ -50,7 +51,6 @@ class T5TextEncoder:
         device: torch.device | str,
         dtype: torch.dtype,
         tokenizer_dir: str | os.PathLike[str] | None = None,
-        use_fast: bool = False,
         max_length: int = MAX_TEXT_TOKENS,
     ) -> T5TextEncoder:
         """Load tokenizer and encoder from local folders (no downloads).
@@ -58,10 +58,8 @@ class T5TextEncoder:
         Args:
             model_dir: folder with the T5 encoder weights and config.
             tokenizer_dir: folder with ``spiece.model`` (defaults to ``model_dir``).
-            use_fast: use ``T5TokenizerFast`` instead of upstream's SentencePiece ``T5Tokenizer``.
         """
-        tokenizer_cls = T5TokenizerFast if use_fast else T5Tokenizer
-        tokenizer = tokenizer_cls.from_pretrained(os.fspath(tokenizer_dir or model_dir), local_files_only=True)
+        tokenizer = T5Tokenizer.from_pretrained(os.fspath(tokenizer_dir or model_dir), local_files_only=True)
         model = T5EncoderModel.from_pretrained(os.fspath(model_dir), local_files_only=True, dtype=dtype)
         model = model.to(device=device, dtype=dtype)
         return cls(model, tokenizer, max_length=max_length)

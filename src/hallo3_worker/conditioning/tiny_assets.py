@@ -137,7 +137,9 @@ def build_tiny_t5(
     )
     spiece = out / "spiece.model"
     spiece.write_bytes(model_bytes.getvalue())
-    tokenizer = T5Tokenizer(vocab_file=str(spiece), extra_ids=0, legacy=True)
+    # Loaded from the folder, as the real one is: transformers 5's T5Tokenizer(vocab_file=...) ignores
+    # the file (4 tokens, every piece <unk>), while from_pretrained builds the vocabulary from spiece.model.
+    tokenizer = T5Tokenizer.from_pretrained(out, extra_ids=0, legacy=True, local_files_only=True)
     tokenizer.save_pretrained(out)
     config = T5Config(
         vocab_size=len(tokenizer),

@@ -33,7 +33,13 @@ _SDK_LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARN", "ERROR": "ER
 
 
 def configure_logging(settings: Settings) -> None:
-    """Send the package's log records to stderr at ``settings.log_level`` (idempotent)."""
+    """Send the package's log records to stderr at ``settings.log_level`` (idempotent).
+
+    transformers (and huggingface_hub) draw progress bars while they load or save a model ("Loading
+    weights", "Writing model shards"); like audio-separator's, they are drawn at DEBUG only.
+    """
+    from transformers.utils import logging as transformers_logging
+
     package = logging.getLogger("hallo3_worker")
     package.setLevel(settings.log_level)
     if not any(getattr(h, "_hallo3", False) for h in package.handlers):
@@ -42,6 +48,10 @@ def configure_logging(settings: Settings) -> None:
         handler._hallo3 = True  # type: ignore[attr-defined]
         package.addHandler(handler)
         package.propagate = False
+    if settings.log_level == "DEBUG":
+        transformers_logging.enable_progress_bar()
+    else:
+        transformers_logging.disable_progress_bar()
 
 
 def configure_sdk_logging(settings: Settings) -> None:
