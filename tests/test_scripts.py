@@ -49,9 +49,10 @@ def test_gpu_check_dry_run_writes_every_field(tmp_path: Path) -> None:
     sections = report["sections"]
     assert list(sections) == ["forward", "job", "policies", "presets", "compile", "cold_start"]
     assert all(entry["status"] == "ok" and entry["expected_s"] > 0 for entry in sections.values()), sections
-    # Counted on the meta device, attention is included; torch's flop counter has no formula for the
-    # CPU's own flash-attention kernel, so the counted CPU forward leaves it out (CUDA kernels are counted).
-    assert report["flop_per_forward"] > sections["forward"]["flop_per_forward"] > 0
+    # Counted on the meta device, attention is included; some torch releases' flop counter has no
+    # formula for the CPU's own flash-attention kernel (torch 2.13 counts 0 there), so the counted CPU
+    # forward can leave it out (CUDA kernels are counted).
+    assert report["flop_per_forward"] >= sections["forward"]["flop_per_forward"] > 0
     items = [row["item"] for row in sections["forward"]["rows"]]
     assert items == ["plain", "reference_kv_once", "attention", "fused_projections", "all"]
     assert all(row["forward_s"] > 0 and row["speedup"] > 0 for row in sections["forward"]["rows"])
