@@ -85,7 +85,7 @@ def test_gpu_check_within_a_small_budget_reports_the_first_section_and_names_the
     assert "job" in skipped and "policies" in skipped and "presets" in skipped
     assert all("of the budget left" in sections[name]["reason"] for name in skipped)
     table = (tmp_path / "gpu_check.md").read_text()
-    assert all(f"Skipped: expected" in part for part in table.split("### ")[2:5])
+    assert all("Skipped: expected" in part for part in table.split("### ")[2:5])
 
 
 def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path: Path) -> None:
